@@ -1,0 +1,100 @@
+"""QTensor: packed codes, scales and metadata in the canonical layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from . import elements, fp8, int as int_fmt, mx, nvfp4, pack
+from .registry import FORMATS
+
+
+@dataclass(frozen=True, repr=False)
+class QTensor:
+    fmt: str
+    shape: torch.Size  # logical shape of the quantized tensor
+    axis: int  # the blocked dimension, non-negative
+    codes: torch.Tensor  # packed along K: [R, packed_K]
+    scales: torch.Tensor
+    tile: tuple[int, int]  # rows x columns of the 2-D view covered by one scale
+    zeros: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def spec(self):
+        return FORMATS[self.fmt]
+
+    @property
+    def k(self) -> int:
+        return self.shape[self.axis]
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (what a checkpoint holds)."""
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        if self.global_scale is not None:
+            out["global_scale"] = self.global_scale
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+    @property
+    def bits_per_element(self) -> float:
+        n = self.shape.numel()
+        return 8 * self.nbytes / n if n else float("nan")
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """[R, K] unsigned bit patterns."""
+        return pack.unpack_codes(self.codes.view(torch.uint8), self.spec.bits, self.k)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 tensor of the logical shape."""
+        spec = self.spec
+        p = self.unpacked_codes()
+        if spec.family == "int":
+            q = int_fmt.from_patterns(p, spec.bits, self.options["symmetric"])
+            x = int_fmt.dequantize(q, self.scales, self.zeros, self.tile)
+        elif spec.family == "fp8":
+            x = fp8.dequantize(p, self.scales, spec.element, self.tile)
+        elif spec.family == "mx":
+            x = mx.dequantize(p, self.scales, spec.element)
+        else:
+            x = nvfp4.dequantize(p, self.scales, self.global_scale)
+        moved = list(self.shape)
+        moved.append(moved.pop(self.axis))
+        return x.reshape(moved).movedim(-1, self.axis)
+
+    def to(self, device) -> "QTensor":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            codes=move(self.codes),
+            scales=move(self.scales),
+            zeros=move(self.zeros),
+            global_scale=move(self.global_scale),
+        )
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        scale = f"{str(self.scales.dtype).replace('torch.', '')}{list(self.scales.shape)}"
+        return (
+            f"QTensor({self.fmt}, shape={list(self.shape)}, axis={self.axis}, "
+            f"tile={self.tile}, scales={scale}, {opts + ', ' if opts else ''}"
+            f"{self.bits_per_element:.3g} bits/elem, device={self.device})"
+        )
+
+
+__all__ = ["QTensor", "elements"]
