@@ -25,6 +25,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.quality import baseline_row, evaluate, format_rows, prepare
+    from .nn.recipes import parse_recipe
+
+    for r in args.recipe:  # fail on a bad name before loading anything
+        parse_recipe(r)
+    weight_options = {"zero_point": args.zero_point} if args.zero_point else None
+    ev = prepare(args.model, text_file=args.text, n_tokens=args.tokens, seq_len=args.seq_len)
+    print(f"model: {ev.bundled.description}")
+    print(f"text: {ev.text_source}")
+    rows = [baseline_row(ev)] + [evaluate(ev, r, weight_options=weight_options) for r in args.recipe]
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "text": ev.text_source, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lowbit",
@@ -33,9 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     f = sub.add_parser("formats", help="list every element format with its bits, block and scale")
     f.set_defaults(func=cmd_formats)
-    d = sub.add_parser("demo", help="the main job on the bundled SmolLM2: quantize into every format, report")
-    d.add_argument("--model", default="smollm2", help="bundled model (default: smollm2)")
+    d = sub.add_parser("demo", help="the main job: quantize the bundled SmolLM2 with several recipes, measure, answer")
+    d.add_argument("--model", default="smollm2", help="bundled model: smollm2 or minilm (default: smollm2)")
+    d.add_argument("--recipes", nargs="+", metavar="R", help="recipes (default: a representative set)")
+    d.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (default: 4096)")
     d.set_defaults(func=cmd_demo)
+    e = sub.add_parser("eval", help="measure recipes on a bundled model against its full-precision self")
+    e.add_argument("--model", default="smollm2", help="bundled model: smollm2 or minilm (default: smollm2)")
+    e.add_argument("--recipe", nargs="+", required=True, metavar="R", help="recipes, e.g. a16w4-int-g128 a8w8-fp8")
+    e.add_argument("--text", help="evaluate on this text file instead of pydoc_data.topics' evaluation half")
+    e.add_argument("--tokens", type=int, default=4096, help="evaluation tokens for a decoder (default: 4096)")
+    e.add_argument("--seq-len", type=int, default=512, help="sequence length for a decoder (default: 512)")
+    e.add_argument("--zero-point", choices=("float", "integer"), help="zero point of affine integer weights")
+    e.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    e.set_defaults(func=cmd_eval)
     return p
 
 
@@ -45,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, ModuleNotFoundError, FileNotFoundError) as e:
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,19 +68,6 @@ def _table(name: str) -> torch.Tensor:
     return torch.tensor([_decode_code(c, e) for c in range(1 << e.bits)], dtype=torch.float64)
 
 
-@lru_cache(maxsize=None)
-def _positive_grid(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted finite non-negative values and their codes (+0 is code 0)."""
-    table = _table(name)
-    finite = torch.isfinite(table) & (table >= 0)
-    if not ELEMENTS[name].is_float:
-        finite &= table <= ELEMENTS[name].max  # code -128 (= -2) is decode-only
-    codes = torch.nonzero(finite).flatten()
-    values = table[codes]
-    order = torch.argsort(values, stable=True)  # +0 (code 0) sorts first
-    return values[order], codes[order]
-
-
 def decode(codes: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
     """Unsigned codes (any integer dtype) -> float32 values."""
     e = ELEMENTS[elem] if isinstance(elem, str) else elem
@@ -89,25 +76,63 @@ def decode(codes: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
     return table[idx]
 
 
-def round_to_grid(x: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
-    """Round float values onto the element's grid (RNE, saturating), in float64.
+def pow2(exp: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Exact 2**exp built from the bits, for integer exp in the dtype's normal range."""
+    if dtype == torch.float64:
+        return ((exp.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((exp.to(torch.int32) + 127) << 23).view(torch.float32)
 
-    NaN stays NaN. Exact: x is rescaled only by powers of two.
+
+def scale_pow2(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """x * 2**exp for integer exp in [-254, 254], exact unless the result is subnormal.
+
+    Two steps keep each factor a normal float32 power of two.
+    """
+    half = torch.div(exp, 2, rounding_mode="floor")
+    return x * pow2(half, x.dtype) * pow2(exp - half, x.dtype)
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.to(torch.float32)
+
+
+def _round_bits(a: torch.Tensor, e: ElementFormat) -> torch.Tensor:
+    """Non-negative float32 a (<= e.max, no NaN) -> nearest grid value, ties to even.
+
+    Normal range: round the float32 mantissa to e.mbits bits with the integer
+    round-half-even trick. Below 2**emin (the element's subnormals): adding and
+    subtracting C, whose ulp is the subnormal spacing, lets the FPU round.
+    """
+    shift = 23 - e.mbits
+    u = a.view(torch.int32)
+    lsb = (u >> shift) & 1
+    normal = ((u + ((1 << (shift - 1)) - 1) + lsb) & ~((1 << shift) - 1)).view(torch.float32)
+    emin = 1 - e.bias
+    c = 2.0 ** (emin - e.mbits + 23)
+    sub = (a + c) - c
+    return torch.where(a < 2.0**emin, sub, normal)
+
+
+def round_to_grid(x: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
+    """Round onto the element's grid (RNE, saturating), in float32 (float64 for float64 input).
+
+    NaN stays NaN. Exact: no arithmetic rounds except the one onto the grid.
     """
     e = ELEMENTS[elem] if isinstance(elem, str) else elem
-    x = x.to(torch.float64)
+    x = _work(x)
     a = x.abs().clamp(max=e.max)  # saturate first (Inf too), as FORMATS.md says
-    if e.is_float:
-        emin = 1 - e.bias
-        # exponent of a's binade, floored at the subnormal binade
-        _, exp = torch.frexp(a)
-        binade = torch.clamp(exp.to(torch.int64) - 1, min=emin)
-        quantum = torch.pow(2.0, (binade - e.mbits).to(torch.float64))
+    if not e.is_float:
+        r = torch.round(a * 64) / 64
+    elif x.dtype == torch.float32:
+        r = _round_bits(a.nan_to_num(0.0), e)
     else:
-        quantum = torch.full_like(a, 1 / 64)
-    r = torch.round(a / quantum) * quantum  # torch.round: half to even
+        _, exp = torch.frexp(a)  # a = m * 2**exp, m in [0.5, 1)
+        binade = torch.clamp(exp - 1, min=1 - e.bias)  # floored at the subnormal binade
+        step = binade - e.mbits  # log2 of the grid spacing
+        r = torch.round(a * pow2(-step, a.dtype)) * pow2(step, a.dtype)  # torch.round: half to even
     r = torch.clamp(r, max=e.max)
-    return torch.copysign(r, x)
+    r = torch.copysign(r, x)
+    return torch.where(torch.isnan(x), x, r) if e.has_nan else r
 
 
 def encode(x: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
@@ -122,18 +147,17 @@ def encode(x: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
             f"{e.name} has no NaN code but the input holds {int(nan.sum())} NaN value(s); "
             "clean the input first (torch.nan_to_num)"
         )
-    r = round_to_grid(x, e)
-    values, codes = (t.to(x.device) for t in _positive_grid(e.name))
+    r = round_to_grid(x, e).to(torch.float32)  # grid values are exact in float32
     a = r.abs().nan_to_num(0.0)
-    idx = torch.searchsorted(values, a.contiguous())
-    code = codes[idx.clamp(max=values.numel() - 1)]
-    negative = torch.signbit(r)
-    sign_bit = 1 << (e.bits - 1)
     if e.is_float:
-        code = torch.where(negative, code | sign_bit, code)
-    else:  # two's complement
-        code = torch.where(negative & (code != 0), (1 << e.bits) - code, code)
+        emin = 1 - e.bias
+        u = a.view(torch.int32)
+        normal = (((u >> 23) - 127 + e.bias) << e.mbits) | ((u >> (23 - e.mbits)) & ((1 << e.mbits) - 1))
+        subnormal = (a * 2.0 ** (e.mbits - emin)).to(torch.int32)
+        code = torch.where(a < 2.0**emin, subnormal, normal)
+        code = torch.where(torch.signbit(r), code | (1 << (e.bits - 1)), code)
+    else:  # two's complement k / 64
+        code = (r.nan_to_num(0.0) * 64).to(torch.int32) & 0xFF
     if e.has_nan:
-        nan_code = 0x7F
-        code = torch.where(nan, torch.full_like(code, nan_code), code)
+        code = torch.where(nan, torch.full_like(code, 0x7F), code)
     return code.to(torch.uint8)

@@ -13,7 +13,7 @@ E8M0_NAN = 255
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
     """Exact 2**e in float64 for integer e."""
-    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), e.to(torch.int64))
+    return elements.pow2(e, torch.float64)
 
 
 def shared_exponent(amax: torch.Tensor, elem: elements.ElementFormat, rule: str) -> torch.Tensor:
@@ -43,20 +43,15 @@ def quantize(
     amax = tiles.tile_amax(torch.where(torch.isfinite(x), x, torch.zeros_like(x)), tile)
     e = shared_exponent(amax, elem, rule)
     bad_elems = tiles.expand(bad, tile, r, k)
-    scaled = x.to(torch.float64) * pow2(-tiles.expand(e, tile, r, k))  # exact
+    scaled = elements.scale_pow2(x, -tiles.expand(e, tile, r, k))  # exact (float32)
     scaled = torch.where(bad_elems, torch.zeros_like(scaled), scaled)
     codes = elements.encode(scaled, elem)
     scales = torch.where(bad, torch.full_like(e, E8M0_NAN), e + 127).to(torch.uint8)
     return codes, scales
 
 
-def scale_values(scales: torch.Tensor) -> torch.Tensor:
-    """E8M0 codes -> float64 2**(code - 127), NaN for 0xFF."""
-    v = pow2(scales.to(torch.int64) - 127)
-    return torch.where(scales == E8M0_NAN, torch.full_like(v, float("nan")), v)
-
-
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, elem: elements.ElementFormat) -> torch.Tensor:
     r, k = codes.shape
-    x = scale_values(tiles.expand(scales, (1, BLOCK), r, k))
-    return (elements.decode(codes, elem).to(torch.float64) * x).to(torch.float32)
+    s = tiles.expand(scales, (1, BLOCK), r, k)
+    x = elements.scale_pow2(elements.decode(codes, elem), s.to(torch.int32) - 127)
+    return torch.where(s == E8M0_NAN, torch.full_like(x, float("nan")), x)

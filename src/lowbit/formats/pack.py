@@ -35,12 +35,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -k % n_codes
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
-    c = c.reshape(*c.shape[:-1], -1, n_codes)
+    c = c.reshape(*c.shape[:-1], (k + pad) // n_codes, n_codes)
     shifts = torch.arange(n_codes, device=c.device, dtype=torch.int64) * bits
     word = (c << shifts).sum(-1)  # at most 24 bits: exact in int64
     byte_shifts = torch.arange(n_bytes, device=c.device, dtype=torch.int64) * 8
     out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
-    return out.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+    return out.reshape(*codes.shape[:-1], (k + pad) // n_codes * n_bytes).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -51,10 +51,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
             f"packed last dimension {packed.shape[-1]} does not hold K={k} {bits}-bit codes "
             f"(expected {packed_size(k, bits)} bytes)"
         )
-    b = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, n_bytes)
+    n_chunks = packed.shape[-1] // n_bytes
+    b = packed.to(torch.int64).reshape(*packed.shape[:-1], n_chunks, n_bytes)
     byte_shifts = torch.arange(n_bytes, device=b.device, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(-1, keepdim=True)
     shifts = torch.arange(n_codes, device=b.device, dtype=torch.int64) * bits
     c = (word >> shifts) & ((1 << bits) - 1)
-    c = c.reshape(*packed.shape[:-1], -1)[..., :k]
+    c = c.reshape(*packed.shape[:-1], n_chunks * n_codes)[..., :k]
     return c.to(torch.uint8)

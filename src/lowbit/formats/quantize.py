@@ -55,7 +55,7 @@ def quantize_tensor(x: torch.Tensor, fmt: str, **options) -> QTensor:
     x2 = x.detach().movedim(axis, -1).reshape(-1, k).to(torch.float32)
     r = x2.shape[0]
     if spec.family != "mx":
-        _check_finite(x2.reshape(x.movedim(axis, -1).shape), fmt)
+        _check_finite(x.detach(), fmt)
 
     zeros = global_scale = None
     kept: dict = {}
