@@ -59,7 +59,10 @@ def test_paragraphs_of_evaluation_half():
     paras = paragraphs(evaluation)
     assert len(paras) == 512
     assert all(len(p) > 80 and p == p.strip() and "\n\n" not in p for p in paras)
-    assert len(set(paras)) > 500
+    # repeated paragraphs of the documentation are kept, as in the QUALITY.md
+    # measurement (deduplicating changes the neighbour metrics)
+    assert len(set(paras)) == 469
+    assert paras[0].startswith("Certain classes of identifiers")
 
 
 def test_read_text_file(tmp_path):

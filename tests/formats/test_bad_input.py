@@ -154,3 +154,11 @@ def test_input_not_modified():
     for fmt in ALL_FORMATS:
         lowbit.quantize_tensor(x, fmt)
     assert torch.equal(x, y) and np.signbit(x[0, 0].item())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3", "mxfp4", "nvfp4"])
+def test_float64_beyond_float32_range_is_refused(fmt):
+    x = torch.randn(4, 64, dtype=torch.float64)
+    x[2, 5] = 1e39  # finite in float64, Inf in float32
+    with pytest.raises(ValueError, match="float32 range"):
+        lowbit.quantize_tensor(x, fmt)

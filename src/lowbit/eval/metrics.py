@@ -244,18 +244,22 @@ def encode(
     if not texts:
         raise ValueError("no paragraphs to encode")
     device = _model_device(model)
-    out: List[torch.Tensor] = []
+    # batch texts of similar length together (less padding), restore the order after
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = torch.empty(0)
     starts = range(0, len(texts), batch_size)
     for s in _progress(starts, len(starts), "encode", progress):
-        enc = tokenizer(
-            texts[s : s + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
-        )
+        idx = order[s : s + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        out.append(F.normalize(pooled, p=2, dim=-1).cpu())
-    return torch.cat(out)
+        emb = F.normalize(pooled, p=2, dim=-1).cpu()
+        if out.numel() == 0:
+            out = torch.empty((len(texts), emb.shape[-1]), dtype=torch.float32)
+        out[idx] = emb
+    return out
 
 
 def _neighbours(emb: torch.Tensor, k: int) -> torch.Tensor:

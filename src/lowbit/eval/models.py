@@ -16,6 +16,7 @@ quantize in place.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
@@ -103,7 +104,7 @@ def model_files(name: str) -> Tuple[str, str]:
     and ``""``. Cached (paths only, not models)."""
     spec = _spec(name)
     root = _package_dir(spec)
-    if name == "smollm2":
+    if spec.kind == "decoder":  # a GGUF file
         hits = sorted(root.rglob("*.gguf"))
         if not hits:
             raise FileNotFoundError(f"no *.gguf file under {root} (package {spec.package} incomplete?)")
@@ -113,6 +114,14 @@ def model_files(name: str) -> Tuple[str, str]:
     if not hits:
         raise FileNotFoundError(f"no config.json with a tokenizer under {root} (package {spec.package} incomplete?)")
     return str(hits[0].parent), ""
+
+
+def _version(v: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in v.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def _transformers():
@@ -125,10 +134,27 @@ def _transformers():
     return transformers
 
 
+@functools.lru_cache(maxsize=None)
+def _config_and_tokenizer(name: str):
+    """Parsed config and tokenizer of ``name``, kept as templates: parsing them from
+    the GGUF file takes ~20 s, and :func:`load_model` hands out deep copies, so no
+    caller ever shares (or mutates) a cached object."""
+    spec = _spec(name)
+    folder, file = model_files(name)
+    tf = _transformers()
+    kw = {"gguf_file": file} if file else {}
+    config = tf.AutoConfig.from_pretrained(folder, local_files_only=True, **kw)
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+    return config, tokenizer
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32) -> BundledModel:
     """Load bundled model ``name`` ("smollm2" or "minilm") on CPU, in eval mode.
 
-    Every call returns a fresh model (safe to quantize in place).
+    Every call returns a fresh model and tokenizer (safe to quantize in place).
+    Only file paths and the parsed config/tokenizer templates are cached.
+    smollm2 takes ~30-60 s on a 2-core CPU (transformers parses and dequantizes
+    the GGUF file); minilm a few seconds.
     """
     spec = _spec(name)
     folder, file = model_files(name)
@@ -139,10 +165,12 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> BundledModel:
         for dep in ("gguf", "accelerate"):
             if importlib.util.find_spec(dep) is None:
                 raise ModuleNotFoundError(f"loading {name} from GGUF needs {dep!r}: pip install {dep} (or {_INSTALL_HINT})")
-        tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
-        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype, local_files_only=True)
-    else:
-        tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = tf.AutoModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    config, tokenizer = _config_and_tokenizer(name)
+    config, tokenizer = copy.deepcopy(config), copy.deepcopy(tokenizer)
+    kw = {"gguf_file": file} if file else {}
+    auto = tf.AutoModelForCausalLM if spec.kind == "decoder" else tf.AutoModel
+    # transformers renamed torch_dtype= to dtype= in 4.56
+    kw["dtype" if _version(tf.__version__) >= (4, 56) else "torch_dtype"] = dtype
+    model = auto.from_pretrained(folder, config=config, local_files_only=True, **kw)
     model.eval()
     return BundledModel(name=name, kind=spec.kind, model=model, tokenizer=tokenizer, description=spec.description)

@@ -3,7 +3,7 @@
 from .elements import ELEMENTS, ElementFormat, decode, encode
 from .pack import pack_codes, packed_size, unpack_codes
 from .qtensor import QTensor
-from .quantize import quantize_tensor
+from .quantize import fake_quantize, quantize_tensor
 from .registry import FORMATS, FormatSpec, get_format
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "QTensor",
     "decode",
     "encode",
+    "fake_quantize",
     "get_format",
     "pack_codes",
     "packed_size",

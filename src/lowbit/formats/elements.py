@@ -141,13 +141,21 @@ def encode(x: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
     NaN maps to the NaN code where the element has one; otherwise it is an error.
     """
     e = ELEMENTS[elem] if isinstance(elem, str) else elem
-    nan = torch.isnan(x)
-    if not e.has_nan and bool(nan.any()):
-        raise ValueError(
-            f"{e.name} has no NaN code but the input holds {int(nan.sum())} NaN value(s); "
-            "clean the input first (torch.nan_to_num)"
-        )
-    r = round_to_grid(x, e).to(torch.float32)  # grid values are exact in float32
+    if not e.has_nan:
+        nan = torch.isnan(x)
+        if bool(nan.any()):
+            raise ValueError(
+                f"{e.name} has no NaN code but the input holds {int(nan.sum())} NaN value(s); "
+                "clean the input first (torch.nan_to_num)"
+            )
+    return grid_to_codes(round_to_grid(x, e), e)
+
+
+def grid_to_codes(r: torch.Tensor, elem: ElementFormat | str) -> torch.Tensor:
+    """Values already on the element's grid (round_to_grid's output) -> uint8 codes."""
+    e = ELEMENTS[elem] if isinstance(elem, str) else elem
+    r = r.to(torch.float32)  # grid values are exact in float32
+    nan = torch.isnan(r)
     a = r.abs().nan_to_num(0.0)
     if e.is_float:
         emin = 1 - e.bias

@@ -10,18 +10,16 @@ from . import elements, tiles
 def quantize(
     x: torch.Tensor, elem: elements.ElementFormat, tile: tuple[int, int], scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float32 [R, K] -> (codes uint8 [R, K], scales [Rt, Kt]); s = amax / max_elem."""
+    """x float32 [R, K] -> (grid values float32 [R, K], scales [Rt, Kt]); s = amax / max_elem."""
     r, k = x.shape
     amax = tiles.tile_amax(x, tile)
     s = torch.where(amax > 0, amax / elem.max, torch.ones_like(amax))
     s = s.to(scale_dtype).float()
     s = torch.where(s > 0, s, torch.ones_like(s))
-    codes = elements.encode(x / tiles.expand(s, tile, r, k), elem)
-    return codes, s.to(scale_dtype)
+    values = elements.round_to_grid(x / tiles.expand(s, tile, r, k), elem)
+    return values, s.to(scale_dtype)
 
 
-def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, elem: elements.ElementFormat, tile: tuple[int, int]
-) -> torch.Tensor:
-    r, k = codes.shape
-    return elements.decode(codes, elem) * tiles.expand(scales.float(), tile, r, k)
+def dequantize(values: torch.Tensor, scales: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    r, k = values.shape
+    return values * tiles.expand(scales.float(), tile, r, k)

@@ -36,7 +36,7 @@ def shared_exponent(amax: torch.Tensor, elem: elements.ElementFormat, rule: str)
 def quantize(
     x: torch.Tensor, elem: elements.ElementFormat, rule: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float32 [R, K] -> (element codes uint8 [R, K], E8M0 scales uint8 [R, ceil(K/32)])."""
+    """x float32 [R, K] -> (grid values float32 [R, K], E8M0 scales uint8 [R, ceil(K/32)])."""
     r, k = x.shape
     tile = (1, BLOCK)
     bad = tiles.tile_any(~torch.isfinite(x), tile)
@@ -45,13 +45,13 @@ def quantize(
     bad_elems = tiles.expand(bad, tile, r, k)
     scaled = elements.scale_pow2(x, -tiles.expand(e, tile, r, k))  # exact (float32)
     scaled = torch.where(bad_elems, torch.zeros_like(scaled), scaled)
-    codes = elements.encode(scaled, elem)
+    values = elements.round_to_grid(scaled, elem)
     scales = torch.where(bad, torch.full_like(e, E8M0_NAN), e + 127).to(torch.uint8)
-    return codes, scales
+    return values, scales
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, elem: elements.ElementFormat) -> torch.Tensor:
-    r, k = codes.shape
+def dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    r, k = values.shape
     s = tiles.expand(scales, (1, BLOCK), r, k)
-    x = elements.scale_pow2(elements.decode(codes, elem), s.to(torch.int32) - 127)
+    x = elements.scale_pow2(values, s.to(torch.int32) - 127)
     return torch.where(s == E8M0_NAN, torch.full_like(x, float("nan")), x)

@@ -12,7 +12,7 @@ E4M3 = elements.ELEMENTS["fp8_e4m3"]
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x float32 [R, K], finite -> (codes uint8 [R, K], E4M3 codes [R, ceil(K/16)], s_t fp32 scalar).
+    """x float32 [R, K], finite -> (grid values [R, K], E4M3 codes [R, ceil(K/16)], s_t fp32 scalar).
 
     All arithmetic in float32, in this order: s_t = amax / (6 * 448);
     s_b = E4M3(amax_block / (6 * s_t)); elements E2M1(x / (s_b * s_t)).
@@ -29,11 +29,11 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     s_b = elements.decode(scale_codes, E4M3)
     denom = tiles.expand(s_b * s_t, tile, r, k)
     ok = denom > 0
-    codes = elements.encode(torch.where(ok, x / torch.where(ok, denom, 1.0), 0.0), E2M1)
-    return codes, scale_codes, s_t.reshape(())
+    values = elements.round_to_grid(torch.where(ok, x / torch.where(ok, denom, 1.0), 0.0), E2M1)
+    return values, scale_codes, s_t.reshape(())
 
 
-def dequantize(codes: torch.Tensor, scale_codes: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    r, k = codes.shape
+def dequantize(values: torch.Tensor, scale_codes: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    r, k = values.shape
     s_b = tiles.expand(elements.decode(scale_codes, E4M3), (1, BLOCK), r, k)
-    return (elements.decode(codes, E2M1) * s_b) * global_scale.to(torch.float32)
+    return (values * s_b) * global_scale.to(torch.float32)

@@ -10,6 +10,24 @@ from . import elements, fp8, int as int_fmt, mx, nvfp4, pack
 from .registry import FORMATS
 
 
+def dequantize_values(family: str, values: torch.Tensor, parts: dict, tile: tuple[int, int]) -> torch.Tensor:
+    """Grid values (int: q; others: element values) [R, K] + scales -> float32 [R, K]."""
+    if family == "int":
+        return int_fmt.dequantize(values, parts["scales"], parts.get("zeros"), tile)
+    if family == "fp8":
+        return fp8.dequantize(values, parts["scales"], tile)
+    if family == "mx":
+        return mx.dequantize(values, parts["scales"])
+    return nvfp4.dequantize(values, parts["scales"], parts["global_scale"])
+
+
+def restore_shape(x: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
+    """[R, K] (axis moved last, the rest flattened) -> the logical shape."""
+    moved = list(shape)
+    moved.append(moved.pop(axis))
+    return x.reshape(moved).movedim(-1, axis)
+
+
 @dataclass(frozen=True, repr=False)
 class QTensor:
     fmt: str
@@ -65,17 +83,11 @@ class QTensor:
         spec = self.spec
         p = self.unpacked_codes()
         if spec.family == "int":
-            q = int_fmt.from_patterns(p, spec.bits, self.options["symmetric"])
-            x = int_fmt.dequantize(q, self.scales, self.zeros, self.tile)
-        elif spec.family == "fp8":
-            x = fp8.dequantize(p, self.scales, spec.element, self.tile)
-        elif spec.family == "mx":
-            x = mx.dequantize(p, self.scales, spec.element)
+            values = int_fmt.from_patterns(p, spec.bits, self.options["symmetric"])
         else:
-            x = nvfp4.dequantize(p, self.scales, self.global_scale)
-        moved = list(self.shape)
-        moved.append(moved.pop(self.axis))
-        return x.reshape(moved).movedim(-1, self.axis)
+            values = elements.decode(p, spec.element)
+        x = dequantize_values(spec.family, values, self.parts(), self.tile)
+        return restore_shape(x, self.shape, self.axis)
 
     def to(self, device) -> "QTensor":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

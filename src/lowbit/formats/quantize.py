@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8, int as int_fmt, mx, nvfp4, pack, tiles
-from .qtensor import QTensor
+from . import elements, fp8, int as int_fmt, mx, nvfp4, pack, tiles
+from .qtensor import QTensor, dequantize_values, restore_shape
 from .registry import get_format
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -24,6 +24,13 @@ def _check_input(x: torch.Tensor, axis: int) -> int:
     if not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} is out of range for a {x.dim()}-D tensor")
     axis %= x.dim()
+    if x.dtype == torch.float64 and x.numel():
+        big = torch.isfinite(x) & (x.abs() > torch.finfo(torch.float32).max)
+        if bool(big.any()):
+            raise ValueError(
+                f"the float64 input holds {int(big.sum())} finite value(s) beyond the float32 range "
+                "(lowbit computes in float32); scale the tensor down first"
+            )
     if x.shape[axis] == 0:
         raise ValueError("cannot quantize along an empty dimension (K = 0)")
     return axis
@@ -39,11 +46,8 @@ def _check_finite(x: torch.Tensor, fmt: str) -> None:
         )
 
 
-def quantize_tensor(x: torch.Tensor, fmt: str, **options) -> QTensor:
-    """Quantize ``x`` into format ``fmt`` along ``axis`` (default -1, the K dimension).
-
-    See docs/formats.md for every format's options, rules and canonical layout.
-    """
+def _quantize_values(x: torch.Tensor, fmt: str, options: dict):
+    """Shared by quantize_tensor and fake_quantize: -> (spec, axis, values [R, K], parts, tile, kept options)."""
     spec = get_format(fmt)
     unknown = set(options) - spec.options
     if unknown:
@@ -57,7 +61,7 @@ def quantize_tensor(x: torch.Tensor, fmt: str, **options) -> QTensor:
     if spec.family != "mx":
         _check_finite(x.detach(), fmt)
 
-    zeros = global_scale = None
+    parts: dict = {}
     kept: dict = {}
     if spec.family in ("int", "fp8"):
         default_8bit = spec.bits == 8
@@ -82,33 +86,45 @@ def quantize_tensor(x: torch.Tensor, fmt: str, **options) -> QTensor:
                 raise ValueError(f"zero_point must be 'float' or 'integer', got {zero_point!r}")
             if symmetric and "zero_point" in options:
                 raise ValueError("zero_point applies to affine formats; drop it or pass symmetric=False")
-            q, scales, zeros = int_fmt.quantize(x2, spec.bits, tile, symmetric, zero_point, scale_dtype)
-            patterns = int_fmt.to_patterns(q, spec.bits)
+            values, scales, zeros = int_fmt.quantize(x2, spec.bits, tile, symmetric, zero_point, scale_dtype)
+            parts = {"scales": scales, "zeros": zeros}
             kept["symmetric"] = symmetric
             if not symmetric:
                 kept["zero_point"] = zero_point
         else:
-            patterns, scales = fp8.quantize(x2, spec.element, tile, scale_dtype)
+            values, scales = fp8.quantize(x2, spec.element, tile, scale_dtype)
+            parts = {"scales": scales}
     elif spec.family == "mx":
         rule = options.get("scale_rule", "floor")
-        patterns, scales = mx.quantize(x2, spec.element, rule)
+        values, scales = mx.quantize(x2, spec.element, rule)
+        parts = {"scales": scales}
         tile = (1, mx.BLOCK)
         kept = {"scale_rule": rule}
     else:
-        patterns, scales, global_scale = nvfp4.quantize(x2)
+        values, scales, global_scale = nvfp4.quantize(x2)
+        parts = {"scales": scales, "global_scale": global_scale}
         tile = (1, nvfp4.BLOCK)
+    return spec, axis, values, parts, tile, kept
 
+
+def quantize_tensor(x: torch.Tensor, fmt: str, **options) -> QTensor:
+    """Quantize ``x`` into format ``fmt`` along ``axis`` (default -1, the K dimension).
+
+    See docs/formats.md for every format's options, rules and canonical layout.
+    """
+    spec, axis, values, parts, tile, kept = _quantize_values(x, fmt, options)
+    if spec.family == "int":
+        patterns = int_fmt.to_patterns(values, spec.bits)
+    else:
+        patterns = elements.grid_to_codes(values, spec.element)
     codes = pack.pack_codes(patterns, spec.bits)
     if spec.family == "int" and spec.bits == 8 and kept["symmetric"]:
         codes = codes.view(torch.int8)
-    return QTensor(
-        fmt=fmt,
-        shape=x.shape,
-        axis=axis,
-        codes=codes,
-        scales=scales,
-        tile=tile,
-        zeros=zeros,
-        global_scale=global_scale,
-        options=kept,
-    )
+    return QTensor(fmt=fmt, shape=x.shape, axis=axis, codes=codes, tile=tile, options=kept, **parts)
+
+
+def fake_quantize(x: torch.Tensor, fmt: str, **options) -> torch.Tensor:
+    """``quantize_tensor(x, fmt, **options).dequantize()``, bit for bit, without
+    encoding and packing codes: the fast path for activations (float32 result)."""
+    spec, axis, values, parts, tile, _ = _quantize_values(x, fmt, options)
+    return restore_shape(dequantize_values(spec.family, values, parts, tile), x.shape, axis)

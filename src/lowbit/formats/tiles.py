@@ -68,5 +68,8 @@ def tile_any(mask: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
 
 def expand(per_tile: torch.Tensor, tile: tuple[int, int], r: int, k: int) -> torch.Tensor:
     """[Rt, Kt] -> [R, K], each tile's value repeated over its elements."""
-    out = per_tile.repeat_interleave(tile[0], dim=0).repeat_interleave(tile[1], dim=1)
+    rt, kt = per_tile.shape
+    if tile[0] == 1 and kt == 1:  # one scale per row: a broadcast view, no copy
+        return per_tile[:r].expand(r, k)
+    out = per_tile[:, None, :, None].expand(rt, tile[0], kt, tile[1]).reshape(rt * tile[0], kt * tile[1])
     return out[:r, :k]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import QTensor, quantize_tensor
+from ..formats import QTensor, fake_quantize, quantize_tensor
 from .recipes import ActivationSpec, Recipe, parse_recipe
 
 BACKENDS = ("auto", "reference")
@@ -90,7 +90,7 @@ class QuantLinear(nn.Module):
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation.fmt is None:
             return x
-        return quantize_tensor(x, self.activation.fmt, **self.activation.options).dequantize().to(x.dtype)
+        return fake_quantize(x, self.activation.fmt, **self.activation.options).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _ACT_DTYPES:
