@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from lowbit.eval import models as models_mod
 from lowbit.eval.corpus import paragraphs, token_sequences, topics_split
 from lowbit.eval.metrics import decoder_reference, encode
 from lowbit.eval.models import MODELS, load_model, model_files

@@ -249,11 +249,11 @@ def test_wrong_input_features(recipe):
         q(torch.randn(70, 2))
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
 def test_unsupported_input_dtype(dtype):
     q = QuantLinear.from_linear(make_linear(70), "a16w4-int-g32")
     x = torch.ones(2, 70).to(dtype)
-    with pytest.raises(TypeError, match=str(dtype)):
+    with pytest.raises(TypeError, match=str(dtype).replace("torch.", "torch\\.")):
         q(x)
 
 
@@ -302,14 +302,7 @@ def _half_cast_params():
     out = []
     for r in RECIPES:
         for dt in (torch.bfloat16, torch.float16):
-            marks = ()
-            if r in FLOAT_SCALED:
-                marks = pytest.mark.xfail(
-                    strict=True,
-                    reason="BUG: Module.to(bf16/fp16) rounds QuantLinear's float scales/zeros/global_scale, "
-                    "changing the quantized weight",
-                )
-            out.append(pytest.param(r, dt, marks=marks, id=f"{r}-{str(dt)[6:]}"))
+            out.append(pytest.param(r, dt, id=f"{r}-{str(dt)[6:]}"))
     return out
 
 
@@ -354,7 +347,6 @@ def test_cache_not_stale_after_load_state_dict():
     assert torch.equal(a.dequantized_weight(torch.float32), b.qweight.dequantize())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the weight cache is keyed on weight_codes._version only")
 def test_cache_not_stale_after_partial_load_of_scales():
     a = QuantLinear.from_linear(make_linear(70), "a16w4-int-g32")
     x = torch.randn(4, 70)
@@ -364,7 +356,6 @@ def test_cache_not_stale_after_partial_load_of_scales():
     assert torch.equal(a.dequantized_weight(torch.float32), a.qweight.dequantize())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the weight cache is keyed on weight_codes._version only")
 def test_cache_not_stale_after_in_place_scale_update():
     a = QuantLinear.from_linear(make_linear(70), "a16w8-int8")
     x = torch.randn(4, 70)
@@ -374,8 +365,6 @@ def test_cache_not_stale_after_in_place_scale_update():
     assert torch.equal(a.dequantized_weight(torch.float32), a.qweight.dequantize())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_state_dict(assign=True) swaps in new tensors whose _version "
-                   "equals the old one; the cache returns the old weight")
 def test_cache_not_stale_after_assign_load():
     a = QuantLinear.from_linear(make_linear(70, seed=0), "a16w4-int-g32")
     b = QuantLinear.from_linear(make_linear(70, seed=1), "a16w4-int-g32")
@@ -396,8 +385,6 @@ def test_forward_under_inference_mode():
         assert torch.equal(q(x), y)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a QuantLinear built under torch.inference_mode() cannot run: "
-                   "dequantized_weight reads weight_codes._version ('Inference tensors do not track version counter')")
 def test_layer_built_under_inference_mode_runs():
     lin = make_linear(70)
     with torch.inference_mode():

@@ -133,7 +133,6 @@ def test_non_string_raises_value_error(bad):
         parse_recipe(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_recipe accepts group 0; the error comes later from quantize_tensor")
 def test_group_zero_is_rejected_by_the_parser():
     with pytest.raises(ValueError, match="group"):
         parse_recipe("a16w4-int-g0")

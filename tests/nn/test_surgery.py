@@ -337,8 +337,6 @@ def test_tail_notes(recipe, tile):
         assert "note:" not in text
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with weight_options={'group_size': ...} the report keeps the "
-                   "recipe's group in its tail note (and its recipe name), not the group actually used")
 def test_tail_note_follows_weight_options_group():
     model = Tiny()
     report = quantize_(model, "a16w4-int-g32", weight_options={"group_size": 64}, progress=False)
@@ -402,8 +400,6 @@ def test_output_equals_manual_dequantized_forward(recipe, dtype):
 # ---- model-surgery invariants that currently fail ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: quantize_ on a model whose root is an nn.Linear reports it "
-                   "replaced (name '') but leaves it an nn.Linear and registers a child module named ''")
 def test_root_linear_is_not_reported_replaced_while_unchanged():
     model = nn.Linear(64, 32)
     try:
@@ -414,8 +410,6 @@ def test_root_linear_is_not_reported_replaced_while_unchanged():
     assert "" not in dict(model.named_children())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a Linear shared under two names is replaced under the first "
-                   "name only; the second keeps the float nn.Linear and is in neither list of the report")
 def test_shared_linear_is_replaced_everywhere():
     class Shared(nn.Module):
         def __init__(self):
@@ -429,8 +423,6 @@ def test_shared_linear_is_replaced_everywhere():
     assert model.a is model.b
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layers made by quantize_ under torch.inference_mode() cannot run "
-                   "('Inference tensors do not track version counter', QuantLinear.dequantized_weight)")
 def test_quantize_under_inference_mode_then_forward():
     model = Tiny().eval()
     with torch.inference_mode():

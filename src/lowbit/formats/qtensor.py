@@ -74,6 +74,34 @@ class QTensor:
         n = self.shape.numel()
         return 8 * self.nbytes / n if n else float("nan")
 
+    def validate(self) -> "QTensor":
+        """Check that the stored parts fit the metadata (e.g. after reading a file);
+        raises ValueError naming the first inconsistency."""
+        from . import tiles
+
+        spec = self.spec  # KeyError for an unknown format
+        if not 0 <= self.axis < len(self.shape):
+            raise ValueError(f"axis {self.axis} out of range for shape {list(self.shape)}")
+        k = self.shape[self.axis]
+        r = self.shape.numel() // k if k else 0
+        want_codes = (r, pack.packed_size(k, spec.bits))
+        if tuple(self.codes.shape) != want_codes or self.codes.element_size() != 1:
+            raise ValueError(f"codes are {self.codes.dtype}{list(self.codes.shape)}, expected 8-bit {list(want_codes)}")
+        fixed = {"mx": (1, mx.BLOCK), "nvfp4": (1, nvfp4.BLOCK)}.get(spec.family)
+        if fixed and tuple(self.tile) != fixed:
+            raise ValueError(f"{self.fmt} scales cover {fixed}, not {tuple(self.tile)}")
+        want_scales = tiles.grid(r, k, tuple(self.tile))
+        if tuple(self.scales.shape) != want_scales:
+            raise ValueError(f"scales are {list(self.scales.shape)}, expected {list(want_scales)}")
+        if fixed and self.scales.dtype != torch.uint8:
+            raise ValueError(f"{self.fmt} scales must be uint8, got {self.scales.dtype}")
+        affine = spec.family == "int" and not self.options.get("symmetric", True)
+        if affine != (self.zeros is not None) or (affine and self.zeros.shape != self.scales.shape):
+            raise ValueError("zero points do not match the format's options")
+        if (spec.family == "nvfp4") != (self.global_scale is not None):
+            raise ValueError("a global scale belongs to nvfp4 alone")
+        return self
+
     def unpacked_codes(self) -> torch.Tensor:
         """[R, K] unsigned bit patterns."""
         return pack.unpack_codes(self.codes.view(torch.uint8), self.spec.bits, self.k)

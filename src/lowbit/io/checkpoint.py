@@ -39,6 +39,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tables_sha256(layers, qtensors) -> str:
+    """Digest of the layer tables, so an edited or damaged lowbit.json is caught too."""
+    text = json.dumps({"quantized_layers": layers, "qtensors": qtensors}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _qtensor_meta(q: QTensor) -> dict:
     return {"fmt": q.fmt, "shape": list(q.shape), "axis": q.axis, "tile": list(q.tile), "options": _jsonable(q.options)}
 
@@ -77,12 +83,16 @@ def _state_of(obj) -> tuple[dict[str, torch.Tensor], dict, dict]:
         for name, v in obj.items():
             if isinstance(v, QTensor):
                 qtensors[name] = _qtensor_meta(v)
-                for part, t in v.parts().items():
-                    tensors[f"{name}.{part}"] = t
+                named = {f"{name}.{part}": t for part, t in v.parts().items()}
             elif isinstance(v, torch.Tensor):
-                tensors[name] = v
+                named = {name: v}
             else:
                 raise TypeError(f"cannot save {name!r}: a {type(v).__name__}, expected a tensor or QTensor")
+            clash = sorted(set(named) & set(tensors))
+            if clash:
+                raise ValueError(f"cannot save: the name {clash[0]!r} is used twice (a QTensor's parts are "
+                                 "stored as <name>.codes, <name>.scales ...); rename one")
+            tensors.update(named)
     else:
         raise TypeError(f"save takes an nn.Module or a dict of tensors/QTensors, got {type(obj).__name__}")
     # safetensors refuses shared storage (tied weights): store independent copies
@@ -106,6 +116,7 @@ def save(model_or_state, directory: str | os.PathLike, metadata: dict | None = N
         "sha256": _sha256(Path(tmp)),
         "quantized_layers": layers,
         "qtensors": qtensors,
+        "tables_sha256": _tables_sha256(layers, qtensors),
         "user": metadata or {},
     }
     os.replace(tmp, out / TENSORS_FILE)
@@ -122,9 +133,11 @@ def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not p.is_file():
             raise CheckpointError(f"{directory} is not a lowbit checkpoint: {p.name} is missing")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is corrupted (not a JSON object)")
     if meta.get("lowbit_format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path}: checkpoint format version {meta.get('lowbit_format_version')!r}, "
@@ -145,10 +158,15 @@ def _build_qtensor(prefix: str, m: dict, tensors: dict[str, torch.Tensor], sep: 
     parts = {p: tensors.get(f"{prefix}{sep}{p}") for p in _PARTS}
     if parts["codes"] is None or parts["scales"] is None:
         raise CheckpointError(f"checkpoint lacks the codes or scales of {prefix!r}")
-    return QTensor(
-        fmt=m["fmt"], shape=torch.Size(m["shape"]), axis=m["axis"], tile=tuple(m["tile"]),
-        options=_from_jsonable(m["options"]), **parts,
-    )
+    try:
+        return QTensor(
+            fmt=m["fmt"], shape=torch.Size(m["shape"]), axis=m["axis"], tile=tuple(m["tile"]),
+            options=_from_jsonable(m["options"]), **parts,
+        ).validate()
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"{META_FILE} does not describe the stored tensors of {prefix!r} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None):
@@ -162,11 +180,17 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None):
     """
     directory = Path(directory)
     meta, tensors = _read(directory)
-    layers = meta["quantized_layers"]
+    layers, loose = meta.get("quantized_layers"), meta.get("qtensors")
+    if not isinstance(layers, dict) or not isinstance(loose, dict):
+        raise CheckpointError(f"{directory / META_FILE} is corrupted (no layer table)")
+    if _tables_sha256(layers, loose) != meta.get("tables_sha256"):
+        raise CheckpointError(
+            f"{directory / META_FILE} was changed after saving: its layer tables do not match their SHA-256"
+        )
     if model is None:
         out: dict = {}
         used = set()
-        for name, m in {**layers, **meta["qtensors"]}.items():
+        for name, m in {**layers, **loose}.items():
             is_layer = name in layers
             key = f"{name}.weight" if is_layer else name
             out[key] = _build_qtensor(name, m, tensors, ".weight_" if is_layer else ".")
@@ -184,18 +208,25 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None):
                 f"checkpoint has a quantized layer {name!r} but the model has "
                 f"{'no such module' if mod is None else type(mod).__name__}: wrong model for this checkpoint?"
             )
-        out_f, in_f = m["shape"]
+        q = _build_qtensor(name, m, tensors, ".weight_")
+        out_f, in_f = q.shape
         if (mod.out_features, mod.in_features) != (out_f, in_f):
             raise CheckpointError(
                 f"layer {name!r}: checkpoint weight is {out_f}x{in_f}, the model's is "
                 f"{mod.out_features}x{mod.in_features}"
             )
-        q = _build_qtensor(name, m, tensors, ".weight_")
-        bias = tensors.get(f"{name}.bias") if m["bias"] else None
-        act = m["activation"]
-        new_layers[name] = QuantLinear(
-            q, bias, ActivationSpec(act["fmt"], _from_jsonable(act["options"])), recipe=m.get("recipe")
-        )
+        try:
+            has_bias, act = bool(m["bias"]), m["activation"]
+            spec = ActivationSpec(act["fmt"], _from_jsonable(act["options"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{META_FILE}: layer {name!r} is described incompletely ({e})") from None
+        if has_bias != (mod.bias is not None):
+            raise CheckpointError(
+                f"layer {name!r}: the checkpoint's layer {'has' if has_bias else 'has no'} bias, the model's "
+                f"{'has none' if has_bias else 'has one'}: wrong model for this checkpoint?"
+            )
+        bias = tensors.get(f"{name}.bias") if has_bias else None
+        new_layers[name] = QuantLinear(q, bias, spec, recipe=m.get("recipe"))
     expected: dict[str, torch.Size] = {}
     for k, v in model.state_dict().items():
         owner = k.rpartition(".")[0]

@@ -11,7 +11,16 @@ from .recipes import ActivationSpec, Recipe, parse_recipe
 
 BACKENDS = ("auto", "reference")
 _PARTS = ("codes", "scales", "zeros", "global_scale")
-_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _version(t: torch.Tensor | None):
+    if t is None:
+        return None
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return t.data_ptr(), None
 
 
 class QuantLinear(nn.Module):
@@ -78,14 +87,26 @@ class QuantLinear(nn.Module):
         )
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        key = (dtype, self.weight_codes.device, self.weight_codes._version)
+        """The dequantized weight in ``dtype``, cached until a weight part changes."""
+        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
+        key = (dtype, self.weight_codes.device, parts)
         if self._w_cache is None or self._w_cache[0] != key:
             self._w_cache = (key, self.qweight.dequantize().to(dtype))
         return self._w_cache[1]
 
     def _apply(self, fn, recurse=True):
+        """Moves the weight parts between devices but never changes their dtypes:
+        ``model.half()`` or ``model.to(torch.bfloat16)`` must not round the scales."""
         self._w_cache = None
-        return super()._apply(fn, recurse)
+        names = [n for n in self._buffers if n.startswith("weight_") and self._buffers[n] is not None]
+        parts = {n: self._buffers.pop(n) for n in names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in parts.items():
+                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+                self._buffers[n] = t.to(device)
+        return self
 
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation.fmt is None:
@@ -94,7 +115,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _ACT_DTYPES:
-            raise TypeError(f"QuantLinear takes float32, float16 or bfloat16 inputs, got {x.dtype}")
+            raise TypeError(f"QuantLinear takes float32, float16, bfloat16 or float64 inputs, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
         w = self.dequantized_weight(x.dtype)

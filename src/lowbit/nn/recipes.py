@@ -90,6 +90,8 @@ def parse_recipe(name: str) -> Recipe:
         fmt, opts = f"int{w_bits}", {}
         if g.group(1):
             group = int(g.group(1))
+            if group <= 0:
+                raise _fail(name, "the group size must be positive")
             opts = {"group_size": group}
         elif w_bits != 8:
             raise _fail(name, f"{w_bits}-bit integer weights need a group, e.g. a16w{w_bits}-int-g128")
