@@ -13,7 +13,7 @@ def quantize(
     """x float32 [R, K] -> (grid values float32 [R, K], scales [Rt, Kt]); s = amax / max_elem."""
     r, k = x.shape
     amax = tiles.tile_amax(x, tile)
-    s = torch.where(amax > 0, amax / elem.max, torch.ones_like(amax))
+    s = torch.where(amax > 0, tiles.divide(amax, elem.max), torch.ones_like(amax))
     s = s.to(scale_dtype).float()
     s = torch.where(s > 0, s, torch.ones_like(s))
     values = elements.round_to_grid(x / tiles.expand(s, tile, r, k), elem)

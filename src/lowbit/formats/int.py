@@ -31,13 +31,13 @@ def quantize(
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         amax = tiles.tile_amax(x, tile)
-        s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        s = torch.where(amax > 0, tiles.divide(amax, qmax), torch.ones_like(amax))
         s = s.to(scale_dtype).float()
         s = torch.where(s > 0, s, torch.ones_like(s))  # a scale that underflowed scale_dtype
         q = torch.round(x / tiles.expand(s, tile, r, k)).clamp(qmin, qmax)
         return q.to(torch.int64), s.to(scale_dtype), None
     lo, hi = tiles.tile_min_max(x, tile)
-    s = (hi - lo) / qmax
+    s = tiles.divide(hi - lo, qmax)
     s = torch.where(s > 0, s, torch.ones_like(s))  # constant tile: s = 1, z = -min
     s = s.to(scale_dtype).float()
     s = torch.where(s > 0, s, torch.ones_like(s))

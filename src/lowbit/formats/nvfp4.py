@@ -20,7 +20,7 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     r, k = x.shape
     tile = (1, BLOCK)
     amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
-    s_t = (amax / (E2M1.max * E4M3.max)).to(torch.float32)
+    s_t = tiles.divide(amax.to(torch.float32), E2M1.max * E4M3.max)
     block_amax = tiles.tile_amax(x, tile)
     six_s_t = torch.tensor(E2M1.max, dtype=torch.float32, device=x.device) * s_t
     nonzero = six_s_t > 0  # an all-zero tensor has s_t = 0: every block scale is 0

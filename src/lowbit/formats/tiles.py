@@ -73,3 +73,13 @@ def expand(per_tile: torch.Tensor, tile: tuple[int, int], r: int, k: int) -> tor
         return per_tile[:r].expand(r, k)
     out = per_tile[:, None, :, None].expand(rt, tile[0], kt, tile[1]).reshape(rt * tile[0], kt * tile[1])
     return out[:r, :k]
+
+
+def divide(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b, correctly rounded on every device.
+
+    On CUDA, dividing by a Python scalar multiplies by its reciprocal (rounded
+    first), which can differ from the CPU in the last bit; a tensor divisor
+    takes the true-division path everywhere.
+    """
+    return a / torch.full_like(a, b)
