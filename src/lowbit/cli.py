@@ -34,7 +34,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r in args.recipe:  # fail on a bad name before loading anything
         parse_recipe(r)
     weight_options = {"zero_point": args.zero_point} if args.zero_point else None
-    ev = prepare(args.model, text_file=args.text, n_tokens=args.tokens, seq_len=args.seq_len)
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    ev = prepare(args.model, text_file=args.text, n_tokens=args.tokens, seq_len=args.seq_len, dtype=dtype)
     print(f"model: {ev.bundled.description}")
     print(f"text: {ev.text_source}")
     rows = [baseline_row(ev)] + [evaluate(ev, r, weight_options=weight_options) for r in args.recipe]
@@ -44,6 +47,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             json.dump({"model": args.model, "text": ev.text_source, "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.run import run_from_args
+
+    try:
+        return run_from_args(args)
+    except (RuntimeError, NotImplementedError) as e:  # no CUDA GPU; --e2e not built yet
+        print(f"lowbit bench: error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", help="evaluate on this text file instead of pydoc_data.topics' evaluation half")
     e.add_argument("--tokens", type=int, default=4096, help="evaluation tokens for a decoder (default: 4096)")
     e.add_argument("--seq-len", type=int, default=512, help="sequence length for a decoder (default: 512)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the model and its activations (default: float32)")
     e.add_argument("--zero-point", choices=("float", "integer"), help="zero point of affine integer weights")
     e.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     e.set_defaults(func=cmd_eval)
+    from .bench.run import add_arguments as add_bench_arguments
+
+    b = sub.add_parser("bench", help="time weight-only matmuls against bf16 cuBLAS and peers on real model shapes (GPU)")
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

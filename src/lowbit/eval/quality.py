@@ -38,12 +38,13 @@ def prepare(
     n_paragraphs: int = 512,
     batch_size: int = 4,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> Evaluation:
     """Load a bundled model and its evaluation data, and run the full-precision reference once.
 
     The text is the evaluation half of pydoc_data.topics unless ``text_file`` is given.
     """
-    bundled = load_model(model)
+    bundled = load_model(model, dtype=dtype)
     if text_file:
         text, source = read_text_file(text_file), text_file
     else:
