@@ -41,6 +41,11 @@ REPRODUCE = [
 ]
 
 
+Q4_1_NOTE = (
+    "Note: SmolLM2's bundled weights are GGUF Q4_1 values, i.e. 4-bit affine codes with a float scale and minimum per 32 weights along K. `a16w4-int-g32` with lowbit's default float zero point lands on that same grid, so on this model it is nearly lossless (KL 0.0000, weight SQNR 144 dB); that row says nothing about other models. With the integer zero point (the reproduction table) it costs what QUALITY.md measured."
+)
+
+
 def anchors() -> dict[tuple[str, str], list[str]]:
     """Rows of ../shared/QUALITY.md by (section, label), if the file is there."""
     path = ROOT.parent / "shared" / "QUALITY.md"
@@ -85,6 +90,8 @@ def main() -> int:
             (rows if label == recipe else repro).append(row)
         result["models"][model] = {"description": ev.bundled.description, "rows": rows, "reproduction": repro}
         md += [f"## {ev.bundled.description}", "", "```", format_rows(rows), "```", ""]
+        if model == "smollm2":
+            md += [Q4_1_NOTE, ""]
         md += [
             "Reproduction of the independent round-to-nearest measurements in `../shared/QUALITY.md` "
             "(anchor = that file's numbers, measured outside lowbit):",
