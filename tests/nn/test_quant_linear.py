@@ -22,38 +22,13 @@ from lowbit import QTensor, quantize_tensor
 from lowbit.nn import QuantLinear, parse_recipe
 from lowbit.nn.recipes import ActivationSpec
 
-# name -> (weight format, weight options, activation format or None, activation options), from the docs
-RECIPES = {
-    "a16w8-int8": ("int8", {}, None, {}),
-    "a16w8-fp8": ("fp8_e4m3", {}, None, {}),
-    "a16w4-int-g32": ("int4", {"group_size": 32}, None, {}),
-    "a16w4-int-g64": ("int4", {"group_size": 64}, None, {}),
-    "a16w4-int-g128": ("int4", {"group_size": 128}, None, {}),
-    "a16w3-int-g64": ("int3", {"group_size": 64}, None, {}),
-    "a16w2-int-g64": ("int2", {"group_size": 64}, None, {}),
-    "a8w8-fp8": ("fp8_e4m3", {}, "fp8_e4m3", {"granularity": "token"}),
-    "a8w8-int8": ("int8", {}, "int8", {"granularity": "token"}),
-    "a16w8-mxfp8": ("mxfp8_e4m3", {}, None, {}),
-    "a16w6-mxfp6": ("mxfp6_e2m3", {}, None, {}),
-    "a16w4-mxfp4": ("mxfp4", {}, None, {}),
-    "a16w4-nvfp4": ("nvfp4", {}, None, {}),
-    "a8w4-mxfp4": ("mxfp4", {}, "mxfp8_e4m3", {}),
-    "a4w4-mxfp4": ("mxfp4", {}, "mxfp4", {}),
-    "a4w4-nvfp4": ("nvfp4", {}, "nvfp4", {}),
-}
+from recipe_table import DOCUMENTED as RECIPES  # noqa: E402  (tests/nn is on sys.path)
 ACT_QUANT = [r for r, v in RECIPES.items() if v[2] is not None]
 FLOAT_SCALED = [r for r, v in RECIPES.items() if v[0].startswith(("int", "fp8", "nvfp4"))]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: on a shared 2-core machine, waking the intra-op thread pool
-    costs ~20 ms per op; one thread keeps this module fast. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-8, torch.bfloat16: 2.0**-6}

@@ -24,14 +24,7 @@ from lowbit.nn import QuantLinear, QuantReport, quantize_
 D, HID, VOCAB, KV = 64, 100, 50, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: on a shared 2-core machine, waking the intra-op thread pool
-    costs ~20 ms per op; one thread keeps this module fast. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):
