@@ -18,7 +18,7 @@ from .corpus import paragraphs, read_text_file, token_sequences, topics_split
 from .metrics import compare_decoder, compare_encoder, decoder_reference, encode
 from .models import BundledModel, load_model
 
-DEMO_RECIPES = ("a16w8-int8", "a8w8-fp8", "a16w6-mxfp6", "a16w4-int-g64", "a16w4-mxfp4", "a16w4-nvfp4", "a4w4-nvfp4")
+DEMO_RECIPES = ("a16w8-int8", "a8w8-fp8", "a16w4-int-g64", "a16w4-mxfp4", "a16w4-nvfp4", "a4w4-nvfp4")
 
 
 @dataclass
