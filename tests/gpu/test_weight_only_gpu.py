@@ -2,10 +2,9 @@
 and under CUDA-graph capture. Run on the H200: `pytest -m gpu tests/gpu`.
 
 Two checks per call:
-- tight, against the exact math: x @ ((q - z) s)^T summed in float64 (the
-  dequantized weight NOT rounded to x's dtype: the kernels apply scale and zero
-  to float32 partial sums of raw codes), bias (in x's dtype) added, rounded
-  once: per element EPS * |y_exact| + 1e-4 * (|x| @ |W|^T), as in tests/kernels;
+- tight, against the exact product of the same operands (x and the weight
+  rounded to x's dtype, summed in float64, bias added, rounded once): per
+  element EPS * |y_exact| + 1e-4 * (|x| @ |W|^T), as in tests/kernels;
 - loose, against ``weight_only_matmul_reference`` (cuBLAS in bf16/fp16, which
   may reduce split-K partial sums in reduced precision): normalised max error
   max|y - y_ref| / max(|x| @ |W|^T) <= NORM_TOL.
@@ -84,9 +83,8 @@ def packed(name, n, k):
 
 
 def exact(x, w, bias):
-    """x @ w^T (+ bias in x's dtype) in float64, w the float32 dequantized weight
-    (not rounded to x's dtype), rounded once to x's dtype."""
-    y = x.double() @ w.double().t()
+    """The same operands as the kernel (x, w rounded to x's dtype), summed in float64."""
+    y = x.double() @ w.to(x.dtype).double().t()
     if bias is not None:
         y = y + bias.to(x.dtype).double()
     return y.to(x.dtype)

@@ -10,9 +10,9 @@ orientations:
 - ``SWAP=False``: acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, k] @ w[k, BLOCK_N], the
   tiled GEMM for larger M.
 - ``SWAP=True``: acc[BLOCK_N, BLOCK_M] += w[BLOCK_N, k] @ x^T[k, BLOCK_M]
-  (computes y^T), for small M: the weight codes are the left operand (they
-  can stay in registers on Hopper's wgmma) and the token count is the narrow
-  side of the MMA (16 at least).
+  (computes y^T), for small M: the dequantized weight is the left operand
+  (it can stay in registers on Hopper's wgmma) and the token count is the
+  narrow side of the MMA (16 at least).
 
 K is walked in tiles of NSUB sub-blocks of KS elements; each sub-block has one
 scale row (one group); a 4-bit sub-block is two contiguous halves (low and high
@@ -22,29 +22,13 @@ workspace [split, M, N] that a second kernel sums (adding the bias and
 casting): deterministic, no atomics, no host synchronisation, so the pair is
 safe to capture in a CUDA graph.
 
-The MMA runs on the raw codes; scale and zero apply to the float32 partial
-sums, per group (Marlin-style), not to every weight element:
-
-    sum_k (q_k - z) s x_k = s * sum_k q_k x_k - s z * sum_k x_k   (one group)
-
-Per sub-block: part = dot(codes_lo, x_lo) + dot(codes_hi, x_hi) (a fresh
-float32 accumulator), then acc += part * s - (s z) * xsum, with xsum the sum of
-the sub-block's x per token (float32, from the x tile already loaded; masked x
-is zero, so padded codes add nothing). Symmetric ints use the signed code q
-(the packing bias 2^(b-1) is subtracted in the conversion), so there is no
-zero term; MXFP4 codes are the e2m1 values and s = 2^(e - 127). With one
-scale for all of K (per channel), the code products accumulate in acc directly
-and s (and s z * xsum over the program's K range) apply once before the
-epilogue; split-K partials stay linear in x, so they sum correctly.
-
-Codes become x's dtype exactly (ints up to 255 and e2m1 values are exact in
-bf16 and fp16) by bit tricks and one cast: an OR with the bits of 2^23 and one
-subtraction for ints, the float32 bit pattern assembled directly for e2m1; no
-quarter-rate int-to-float instruction. Bit operations run on int32 (the
-interpreter and the GPU agree there). Numerics: the result is x @ ((q - z) s)^T
-summed in float32 and rounded once, not bit-identical to the reference (which
-rounds the dequantized weight to x's dtype first), and usually closer to the
-exact product.
+Dequantization matches the reference bit for bit: (q - z) * s or q * s in
+float32 for ints, e2m1 value * 2^(e - 127) for MXFP4, then one cast to x's
+dtype; the dot accumulates in float32. Codes become floats by bit tricks (an
+OR with the bits of 2^23 and one subtraction for ints, the float32 bit pattern
+assembled directly for e2m1), not by the quarter-rate int-to-float
+instruction. Bit operations run on int32 (the interpreter and the GPU agree
+there).
 
 The kernels are wrapped by ``triton.jit`` lazily, once per interpreter mode
 (TRITON_INTERPRET is read when a function is wrapped): whoever imports this
@@ -107,28 +91,21 @@ def _wo_matmul_kernel(
 
     if PER_CHANNEL:
         s_pc = tl.load(s_ptr + offs_n).to(tl.float32)
+        if SWAP:
+            s_pc = s_pc[:, None]
+        else:
+            s_pc = s_pc[None, :]
         if HAS_ZERO:
-            sz_pc = s_pc * tl.load(z_ptr + offs_n).to(tl.float32)
-        # one scale for all of K: the raw code products accumulate in acc directly
-        # and the scale (and zero) apply once, in the epilogue
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            z_pc = tl.load(z_ptr + offs_n).to(tl.float32)
+            if SWAP:
+                z_pc = z_pc[:, None]
+            else:
+                z_pc = z_pc[None, :]
 
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    # Codes are unsigned (symmetric ints biased by 2^(b-1) at packing). An integer
-    # u < 2^23 becomes float exactly and cheaply as bits(0x4B000000 | u) - 2^23 (no
-    # int-to-float conversion instruction); subtracting 2^23 + bias instead gives
-    # the signed symmetric code q. Either is exact in bf16/fp16.
-    if SYMMETRIC:
-        if BITS == 4:
-            off = 8388616.0  # 2^23 + 8
-        else:
-            off = 8388736.0  # 2^23 + 128
-    else:
-        off = 8388608.0  # 2^23
 
     t_begin = pid_k * TPS
     t_end = tl.minimum(t_begin + TPS, T)
@@ -151,7 +128,7 @@ def _wo_matmul_kernel(
                     p = tl.load(w_ptrs, mask=row_ok[:, None], other=0)
             if not EVEN_T:
                 col_ok = (offs_n * 0 + sb) < NKS
-            # ---- scales (and zeros) of this sub-block's group: vectors over BLOCK_N
+            # ---- scales (and zeros) of this sub-block's group
             if FAMILY == 1:
                 if EVEN_T:
                     e = tl.load(s_ptr + sb.to(tl.int64) * NPAD + offs_n)
@@ -161,20 +138,42 @@ def _wo_matmul_kernel(
                 sbits = tl.where(e == 0, 1 << 22, e << 23)  # 2^(e-127); e = 0 is subnormal 2^-127
                 sbits = tl.where(e == 255, _E8M0_NAN_BITS, sbits)
                 s = sbits.to(tl.float32, bitcast=True)
-            elif not PER_CHANNEL:
+            elif PER_CHANNEL:
+                s = s_pc
+                if HAS_ZERO:
+                    z = z_pc
+            else:
                 g = (sb // SUBS_PER_GROUP).to(tl.int64) * NPAD
                 if EVEN_T:
                     s = tl.load(s_ptr + g + offs_n).to(tl.float32)
                     if HAS_ZERO:
-                        sz = s * tl.load(z_ptr + g + offs_n).to(tl.float32)
+                        z = tl.load(z_ptr + g + offs_n).to(tl.float32)
                 else:
                     s = tl.load(s_ptr + g + offs_n, mask=col_ok, other=0).to(tl.float32)
                     if HAS_ZERO:
-                        sz = s * tl.load(z_ptr + g + offs_n, mask=col_ok, other=0).to(tl.float32)
+                        z = tl.load(z_ptr + g + offs_n, mask=col_ok, other=0).to(tl.float32)
+            if not PER_CHANNEL:
+                if SWAP:
+                    s = s[:, None]
+                    if HAS_ZERO:
+                        z = z[:, None]
+                else:
+                    s = s[None, :]
+                    if HAS_ZERO:
+                        z = z[None, :]
 
-            # ---- raw codes (int: u or signed q; mxfp4: e2m1 values) in the dot's type,
-            # x of the sub-block; part = sum_k code * x over the sub-block (float32)
             k_lo = sb * KS + offs_h  # K index of the first (or only) half
+            # Codes are unsigned (symmetric ints biased by 2^(b-1) at packing). An
+            # integer u < 2^23 becomes float exactly and cheaply as
+            # bits(0x4B000000 | u) - 2^23 (no int-to-float conversion instruction);
+            # subtracting 2^23 + bias instead gives the signed code q.
+            if SYMMETRIC:
+                if BITS == 4:
+                    off = 8388616.0  # 2^23 + 8
+                else:
+                    off = 8388736.0  # 2^23 + 128
+            else:
+                off = 8388608.0  # 2^23
             if BITS == 4:
                 p = p.to(tl.int32)
                 lo = p & 15
@@ -184,89 +183,59 @@ def _wo_matmul_kernel(
                     # bits (mag << 22) + (126 << 23); mag = 1 is 0.5; mag = 0 is +-0
                     mag_lo = lo & 7
                     b_lo = tl.where(mag_lo >= 2, (mag_lo << 22) + _F32_HALF_EXP, mag_lo * 0x3F000000)
-                    c_lo = (b_lo | ((lo & 8) << 28)).to(tl.float32, bitcast=True)
+                    f_lo = (b_lo | ((lo & 8) << 28)).to(tl.float32, bitcast=True)
                     mag_hi = hi & 7
                     b_hi = tl.where(mag_hi >= 2, (mag_hi << 22) + _F32_HALF_EXP, mag_hi * 0x3F000000)
-                    c_hi = (b_hi | ((hi & 8) << 28)).to(tl.float32, bitcast=True)
+                    f_hi = (b_hi | ((hi & 8) << 28)).to(tl.float32, bitcast=True)
+                    w_lo = f_lo * s
+                    w_hi = f_hi * s
                 else:
-                    c_lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - off
-                    c_hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - off
-                c_lo = c_lo.to(DOT_TY)
-                c_hi = c_hi.to(DOT_TY)
+                    q_lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - off
+                    q_hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - off
+                    if HAS_ZERO:
+                        w_lo = (q_lo - z) * s
+                        w_hi = (q_hi - z) * s
+                    else:
+                        w_lo = q_lo * s
+                        w_hi = q_hi * s
+                if RNE_BF16:  # interpreter: round to bf16 by bits (its cast truncates)
+                    w_lo_u = w_lo.to(tl.int32, bitcast=True)
+                    w_lo = ((w_lo_u + 0x7FFF + ((w_lo_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                if RNE_BF16:  # interpreter: round to bf16 by bits (its cast truncates)
+                    w_hi_u = w_hi.to(tl.int32, bitcast=True)
+                    w_hi = ((w_hi_u + 0x7FFF + ((w_hi_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
                 k_hi = k_lo + KH
                 if SWAP:
                     x_lo = tl.load(x_ptr + x_row[None, :] + k_lo[:, None],
                                    mask=m_ok[None, :] & (k_lo[:, None] < K), other=0.0)
                     x_hi = tl.load(x_ptr + x_row[None, :] + k_hi[:, None],
                                    mask=m_ok[None, :] & (k_hi[:, None] < K), other=0.0)
-                    if PER_CHANNEL:
-                        part = tl.dot(c_lo, x_lo.to(DOT_TY), acc)
-                    else:
-                        part = tl.dot(c_lo, x_lo.to(DOT_TY))
-                    part = tl.dot(c_hi, x_hi.to(DOT_TY), part)
-                    if HAS_ZERO:
-                        xs = tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)
+                    acc = tl.dot(w_lo.to(x_lo.dtype).to(DOT_TY), x_lo.to(DOT_TY), acc)
+                    acc = tl.dot(w_hi.to(x_hi.dtype).to(DOT_TY), x_hi.to(DOT_TY), acc)
                 else:
                     x_lo = tl.load(x_ptr + x_row[:, None] + k_lo[None, :],
                                    mask=m_ok[:, None] & (k_lo[None, :] < K), other=0.0)
                     x_hi = tl.load(x_ptr + x_row[:, None] + k_hi[None, :],
                                    mask=m_ok[:, None] & (k_hi[None, :] < K), other=0.0)
-                    if PER_CHANNEL:
-                        part = tl.dot(x_lo.to(DOT_TY), c_lo, acc)
-                    else:
-                        part = tl.dot(x_lo.to(DOT_TY), c_lo)
-                    part = tl.dot(x_hi.to(DOT_TY), c_hi, part)
-                    if HAS_ZERO:
-                        xs = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+                    acc = tl.dot(x_lo.to(DOT_TY), w_lo.to(x_lo.dtype).to(DOT_TY), acc)
+                    acc = tl.dot(x_hi.to(DOT_TY), w_hi.to(x_hi.dtype).to(DOT_TY), acc)
             else:
-                c = ((p.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - off).to(DOT_TY)
+                q = (p.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - off
+                if HAS_ZERO:
+                    w = (q - z) * s
+                else:
+                    w = q * s
+                if RNE_BF16:  # interpreter: round to bf16 by bits (its cast truncates)
+                    w_u = w.to(tl.int32, bitcast=True)
+                    w = ((w_u + 0x7FFF + ((w_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
                 if SWAP:
                     xt = tl.load(x_ptr + x_row[None, :] + k_lo[:, None],
                                  mask=m_ok[None, :] & (k_lo[:, None] < K), other=0.0)
-                    if PER_CHANNEL:
-                        part = tl.dot(c, xt.to(DOT_TY), acc)
-                    else:
-                        part = tl.dot(c, xt.to(DOT_TY))
-                    if HAS_ZERO:
-                        xs = tl.sum(xt.to(tl.float32), axis=0)
+                    acc = tl.dot(w.to(xt.dtype).to(DOT_TY), xt.to(DOT_TY), acc)
                 else:
                     xt = tl.load(x_ptr + x_row[:, None] + k_lo[None, :],
                                  mask=m_ok[:, None] & (k_lo[None, :] < K), other=0.0)
-                    if PER_CHANNEL:
-                        part = tl.dot(xt.to(DOT_TY), c, acc)
-                    else:
-                        part = tl.dot(xt.to(DOT_TY), c)
-                    if HAS_ZERO:
-                        xs = tl.sum(xt.to(tl.float32), axis=1)
-
-            # ---- scale (and zero) of the group, on the partial sums:
-            # sum_k (q_k - z) s x_k = s * part - s z * sum_k x_k
-            if PER_CHANNEL:
-                acc = part
-                if HAS_ZERO:
-                    xsum += xs
-            elif SWAP:
-                if HAS_ZERO:
-                    acc += part * s[:, None] - sz[:, None] * xs[None, :]
-                else:
-                    acc += part * s[:, None]
-            else:
-                if HAS_ZERO:
-                    acc += part * s[None, :] - xs[:, None] * sz[None, :]
-                else:
-                    acc += part * s[None, :]
-
-    if PER_CHANNEL:
-        if SWAP:
-            if HAS_ZERO:
-                acc = acc * s_pc[:, None] - sz_pc[:, None] * xsum[None, :]
-            else:
-                acc = acc * s_pc[:, None]
-        else:
-            if HAS_ZERO:
-                acc = acc * s_pc[None, :] - xsum[:, None] * sz_pc[None, :]
-            else:
-                acc = acc * s_pc[None, :]
+                    acc = tl.dot(xt.to(DOT_TY), w.to(xt.dtype).to(DOT_TY), acc)
 
     # ---- epilogue: partials, or bias + cast + store
     n_ok = offs_n < N
@@ -347,11 +316,11 @@ def _dot_type(dtype: torch.dtype):
 
     Two workarounds for Triton's CPU interpreter (3.9) with bfloat16, both
     active only under TRITON_INTERPRET: its dot multiplies bfloat16 operands as
-    their raw uint16 bits, so both operands are float32 there (the same
-    products: the codes and bf16 x are exact in float32; float32 accumulation
-    either way); and its float32 -> bfloat16 cast truncates, so the kernels
-    round the output to nearest even by bits first (RNE_BF16), which is what
-    the GPU's cast does.
+    their raw uint16 bits, so both operands are widened to float32 after the
+    weight's rounding to bfloat16 (the same products: a bf16 value is exact in
+    float32; float32 accumulation either way); and its float32 -> bfloat16 cast
+    truncates, so the kernels round to nearest even by bits first (RNE_BF16),
+    which is what the GPU's cast does.
     """
     if dtype == torch.bfloat16:
         return tl.float32 if interpret_mode() else tl.bfloat16

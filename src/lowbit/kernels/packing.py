@@ -25,8 +25,8 @@ The Triton layout (``Layout`` describes it):
   with no interleaving of nibbles. ``codes`` is [kpad/2, npad] uint8.
 - Scales (and zeros) are transposed too: [groups, npad], one row per scale
   group along K, in their stored dtype (float32, bfloat16 or float16 for ints:
-  the kernel applies s and s * z in float32 to the partial sums of each group;
-  uint8 E8M0 exponents for MXFP4). A scale tile that covers several rows (tensor or
+  the kernel computes (q - z) * s in float32 exactly as the reference; uint8
+  E8M0 exponents for MXFP4). A scale tile that covers several rows (tensor or
   block granularity) is expanded to one scale per row; the values are unchanged.
 """
 
