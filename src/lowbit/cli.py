@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: quantize the bundled SmolLM2 with several recipes, measure, answer")
     d.add_argument("--model", default="smollm2", help="bundled model: smollm2 or minilm (default: smollm2)")
     d.add_argument("--recipes", nargs="+", metavar="R", help="recipes (default: a representative set)")
-    d.add_argument("--tokens", type=int, default=4096, help="evaluation tokens (default: 4096)")
+    d.add_argument("--tokens", type=int, default=2048,
+                   help="evaluation tokens (default: 2048, to stay quick; `lowbit eval` uses 4096 like QUALITY.md)")
     d.set_defaults(func=cmd_demo)
     e = sub.add_parser("eval", help="measure recipes on a bundled model against its full-precision self")
     e.add_argument("--model", default="smollm2", help="bundled model: smollm2 or minilm (default: smollm2)")
