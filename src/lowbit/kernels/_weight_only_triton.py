@@ -4,35 +4,38 @@
 Private: ``weight_only.py`` is the public op. This module imports triton at the
 top; import it only where triton is wanted.
 
-One kernel covers every supported format (constexpr switches) and two
-orientations:
+One kernel covers every supported format (constexpr switches) and three
+orientations (MODE):
 
-- ``SWAP=False``: acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, k] @ w[k, BLOCK_N], the
-  tiled GEMM for larger M.
-- ``SWAP=True``: acc[BLOCK_N, BLOCK_M] += w[BLOCK_N, k] @ x^T[k, BLOCK_M]
-  (computes y^T), for small M: the dequantized weight is the left operand
-  (it can stay in registers on Hopper's wgmma) and the token count is the
-  narrow side of the MMA (16 at least).
+- 0, GEMM: acc[BLOCK_M, BLOCK_N] += x[BLOCK_M, k] @ w[k, BLOCK_N], for larger M.
+- 1, SWAP: acc[BLOCK_N, BLOCK_M] += w^T[BLOCK_N, k] @ x^T[k, BLOCK_M] (computes
+  y^T) for small M: the weight is the MMA's wide side and the tokens its
+  narrow side (16 at least).
+- 2, GEMV: no MMA; products summed in float32 on the CUDA cores, for M of 1
+  to a few.
 
-K is walked in tiles of NSUB sub-blocks of KS elements; each sub-block has one
-scale row (one group); a 4-bit sub-block is two contiguous halves (low and high
-nibbles), one dot each. Split-K (a second grid axis of `split` programs) gives
-each program a contiguous range of K tiles and writes float32 partials to a
-workspace [split, M, N] that a second kernel sums (adding the bias and
-casting): deterministic, no atomics, no host synchronisation, so the pair is
-safe to capture in a CUDA graph.
+K is walked one tile (128 elements, R word rows) at a time. Each 32-bit word
+holds 8 (or 4) codes, position j of the word belonging to the K chunk
+[j*R, (j+1)*R) of the tile, so the values of one word feed 8 (or 4) separate
+dots of depth R. Split-K (a second grid axis) gives each program a range of
+K tiles and writes float32 partials to a workspace [split, M, N] that a
+second kernel sums (adding the bias and casting): deterministic, no atomics,
+no host synchronisation, so the pair is safe to capture in a CUDA graph.
 
-Dequantization matches the reference bit for bit: (q - z) * s or q * s in
-float32 for ints, e2m1 value * 2^(e - 127) for MXFP4, then one cast to x's
-dtype; the dot accumulates in float32. Codes become floats by bit tricks (an
-OR with the bits of 2^23 and one subtraction for ints, the float32 bit pattern
-assembled directly for e2m1), not by the quarter-rate int-to-float
-instruction. Bit operations run on int32 (the interpreter and the GPU agree
-there).
+Dequantization on the GPU is inline PTX that converts two codes per
+instruction (the packed bf16x2/f16x2 forms): a 4-bit int code is OR-ed into
+the mantissa of 128.0 (bf16) or 1024.0 (fp16), the offset subtracted exactly,
+then one fused multiply-add applies scale and bias in the activation dtype;
+an e2m1 code's bits are moved into a bf16/fp16 (subnormal for e = 0) and
+multiplied by the power of two 2^(E-1) (bf16) or 2^(E-113) (fp16) that also
+carries the block scale 2^(E-127); 8-bit codes go through float32 (byte
+permute into the mantissa of 2^23, subtract, fma with scale and bias) and one
+paired conversion. ``packing.kernel_weight`` computes the same values in
+torch. Triton's CPU interpreter cannot run PTX: under TRITON_INTERPRET the
+same values are computed with plain Triton operations.
 
 The kernels are wrapped by ``triton.jit`` lazily, once per interpreter mode
-(TRITON_INTERPRET is read when a function is wrapped): whoever imports this
-module first cannot lock the other mode out.
+(TRITON_INTERPRET is read when a function is wrapped).
 """
 
 from __future__ import annotations
@@ -43,34 +46,362 @@ import torch
 import triton
 import triton.language as tl
 
-_E8M0_NAN_BITS = tl.constexpr(0x7FC00000)  # float32 quiet NaN
-_F32_HALF_EXP = tl.constexpr(126 << 23)  # e2m1 with exponent field e > 0: bits (mag << 22) + (126 << 23)
-# 0x3F000000 = float32 0.5, 0x4B000000 = float32 2^23: literals in the kernel
+# ---- inline PTX: one 32-bit word of codes -> its 8 (4-bit) or 4 (8-bit) values
+
+_I4_BODY = """
+{{
+.reg .b32 a0, a1, a2, a3, t, one, off;
+mov.b32 one, {one};
+mov.b32 off, {off};
+lop3.b32 a0, $8, 0x000F000F, {magic}, 0xEA;
+shr.u32 t, $8, 4;
+lop3.b32 a1, t, 0x000F000F, {magic}, 0xEA;
+shr.u32 t, $8, 8;
+lop3.b32 a2, t, 0x000F000F, {magic}, 0xEA;
+shr.u32 t, $8, 12;
+lop3.b32 a3, t, 0x000F000F, {magic}, 0xEA;
+fma.rn.{ty} a0, a0, one, off;
+fma.rn.{ty} a1, a1, one, off;
+fma.rn.{ty} a2, a2, one, off;
+fma.rn.{ty} a3, a3, one, off;
+fma.rn.{ty} a0, a0, $9, $13;
+fma.rn.{ty} a1, a1, $10, $14;
+fma.rn.{ty} a2, a2, $11, $15;
+fma.rn.{ty} a3, a3, $12, $16;
+mov.b32 {{$0, $4}}, a0;
+mov.b32 {{$1, $5}}, a1;
+mov.b32 {{$2, $6}}, a2;
+mov.b32 {{$3, $7}}, a3;
+}}
+"""
+# (a & b) | c = lop3 0xEA: the code pair (nibbles p and p+4 after a shift by 4p)
+# OR-ed into two copies of the magic number; fma(v, 1, -magic) is the code exactly
+_I4_ASM = {
+    "bf16": _I4_BODY.format(ty="bf16x2", one="0x3F803F80", off="0xC300C300", magic="0x43004300"),
+    "fp16": _I4_BODY.format(ty="f16x2", one="0x3C003C00", off="0xE400E400", magic="0x64006400"),
+}
 
 
-def _wo_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
-    M, N, K, NKS, T, TPS, NPAD,
+def _to_f32(asm: str, ty: str) -> str:
+    """The same PTX with float32 outputs ($0..$7 = "=r"): each bf16x2/f16x2 pair
+    a{p} widened (bf16: a shift or a mask; fp16: a conversion)."""
+    for p in range(4):
+        old = f"mov.b32 {{${p}, ${p + 4}}}, a{p};"
+        if ty == "bf16":
+            new = f"shl.b32 ${p}, a{p}, 16;\nand.b32 ${p + 4}, a{p}, 0xFFFF0000;"
+        else:
+            new = (f"{{\n.reg .b16 l, h;\nmov.b32 {{l, h}}, a{p};\ncvt.f32.f16 ${p}, l;\n"
+                   f"cvt.f32.f16 ${p + 4}, h;\n}}")
+        assert old in asm
+        asm = asm.replace(old, new)
+    return asm
+
+
+def _mx_pair(p: int, mag_shift: int, sign_shift: int) -> str:
+    """PTX for the e2m1 pair (nibbles p, p+4) -> a{p}: magnitude bits moved by
+    mag_shift (left if positive), sign bit by sign_shift."""
+    def shift(dst, amount):
+        if amount > 0:
+            return f"shl.b32 {dst}, $8, {amount};\n"
+        if amount < 0:
+            return f"shr.u32 {dst}, $8, {-amount};\n"
+        return f"mov.b32 {dst}, $8;\n"
+
+    return shift("m", mag_shift) + shift("s", sign_shift) + "and.b32 s, s, 0x80008000;\n" + (
+        f"lop3.b32 a{p}, m, MAGMASK, s, 0xEA;\n"
+    )
+
+
+def _mx_asm(ty: str, mag_pos: int, magmask: str) -> str:
+    body = "".join(_mx_pair(p, mag_pos - 4 * p, 12 - 4 * p) for p in range(4)).replace("MAGMASK", magmask)
+    return (
+        "{\n.reg .b32 a0, a1, a2, a3, m, s, z;\nmov.b32 z, 0x80008000;\n" + body
+        + "".join(f"fma.rn.{ty} a{p}, a{p}, ${9 + p}, z;\n" for p in range(4))
+        + "".join(f"mov.b32 {{${p}, ${p + 4}}}, a{p};\n" for p in range(4)) + "}\n"
+    )
+
+
+# e2m1 (s e1 e0 m) -> bf16 bits: e1 e0 m at bits 8..6, sign at 15; fp16: bits 11..9
+_MX_ASM = {"bf16": _mx_asm("bf16x2", 6, "0x01C001C0"), "fp16": _mx_asm("f16x2", 9, "0x0E000E00")}
+
+_I8_BODY = """
+{{
+.reg .b32 f0, f1, f2, f3, c, h0, h1;
+mov.b32 c, 0x4B000000;
+prmt.b32 f0, $4, c, 0x7650;
+prmt.b32 f1, $4, c, 0x7651;
+prmt.b32 f2, $4, c, 0x7652;
+prmt.b32 f3, $4, c, 0x7653;
+sub.f32 f0, f0, 0f4B000000;
+sub.f32 f1, f1, 0f4B000000;
+sub.f32 f2, f2, 0f4B000000;
+sub.f32 f3, f3, 0f4B000000;
+fma.rn.f32 f0, f0, $5, $9;
+fma.rn.f32 f1, f1, $6, $10;
+fma.rn.f32 f2, f2, $7, $11;
+fma.rn.f32 f3, f3, $8, $12;
+cvt.rn.{ty}.f32 h0, f1, f0;
+cvt.rn.{ty}.f32 h1, f3, f2;
+mov.b32 {{$0, $1}}, h0;
+mov.b32 {{$2, $3}}, h1;
+}}
+"""
+# byte j of the word into the low byte of float32 2^23 (prmt), minus 2^23: the code
+_I8_ASM = {"bf16": _I8_BODY.format(ty="bf16x2"), "fp16": _I8_BODY.format(ty="f16x2")}
+
+
+def _pair(lo, hi):
+    """Two 16-bit floats -> the 32-bit word (lo in the low half)."""
+    lo_b = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi_b = hi.to(tl.int16, bitcast=True).to(tl.int32)
+    return lo_b | (hi_b << 16)
+
+
+def _mx_scale_bits(e, FP16: tl.constexpr):
+    """E8M0 exponent (int32) -> the bits of the bf16 2^(E-1) / fp16 2^(E-113)."""
+    if FP16:
+        return tl.where(e >= 99, (e - 98) << 10, 1 << tl.maximum(e - 89, 0))
+    else:
+        return (e + 126) << 7
+
+
+def _round_to_bf16(v):
+    """float32 -> the nearest bf16 value (ties to even) kept in float32: the
+    interpreter's cast truncates."""
+    u = v.to(tl.int32, bitcast=True)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+def _emulate(word, J: tl.constexpr, s, b, FAMILY: tl.constexpr, BITS: tl.constexpr, DOT_TY: tl.constexpr,
+             RNE_BF16: tl.constexpr):
+    """Interpreter: the value at position J of each word, as the PTX computes it.
+    s, b: float32 scale and bias (int), or the int32 E8M0 exponent in s (mx)."""
+    c = (word >> (J * BITS)) & ((1 << BITS) - 1)
+    if FAMILY == 1:
+        mag = c & 7
+        bits = tl.where(mag >= 2, (mag << 22) + (126 << 23), mag * 0x3F000000) | ((c & 8) << 28)
+        scale = tl.where(s == 0, 1 << 22, s << 23).to(tl.float32, bitcast=True)
+        w = bits.to(tl.float32, bitcast=True) * scale
+    else:
+        w = tl.fma(c.to(tl.float32), s, b)
+    if RNE_BF16:
+        w = _round_to_bf16(w)
+    return w.to(DOT_TY)
+
+
+def _acc_chunk(acc, w, x_base, m_ok, k0, offs_r, K, MODE: tl.constexpr, DOT_TY: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc += the product of the values w [R, BLOCK_N] of K chunk [k0, k0 + R) with x;
+    x_base: pointers to x[m, offs_r] ([R, BLOCK_M] for SWAP, else [BLOCK_M, R])."""
+    if MODE == 1:
+        if EVEN_K:
+            xt = tl.load(x_base + k0, mask=m_ok[None, :], other=0.0)
+        else:
+            xt = tl.load(x_base + k0, mask=m_ok[None, :] & ((k0 + offs_r)[:, None] < K), other=0.0)
+        acc = tl.dot(tl.trans(w), xt.to(DOT_TY), acc)
+    else:
+        if EVEN_K:
+            xt = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
+        else:
+            xt = tl.load(x_base + k0, mask=m_ok[:, None] & ((k0 + offs_r)[None, :] < K), other=0.0)
+        if MODE == 0:
+            acc = tl.dot(xt.to(DOT_TY), w, acc)
+        else:  # GEMV, one token: acc [R, BLOCK_N] gathers products elementwise (one FMA each)
+            acc += w.to(tl.float32) * tl.reshape(xt, (xt.shape[1], 1)).to(tl.float32)
+    return acc
+
+
+def _stack2(a, b):
+    """[R, C] and [R, C] -> [2R, C]: a's rows, then b's."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+
+
+def _stack8(w0, w1, w2, w3, w4, w5, w6, w7):
+    return _stack2(_stack2(_stack2(w0, w1), _stack2(w2, w3)), _stack2(_stack2(w4, w5), _stack2(w6, w7)))
+
+
+def _stack4(w0, w1, w2, w3):
+    return _stack2(_stack2(w0, w1), _stack2(w2, w3))
+
+
+def _acc_tile(acc, w, x_base, m_ok, k0, offs_k, K, MODE: tl.constexpr, DOT_TY: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc += the product of the values w [128, BLOCK_N] of K tile [k0, k0 + 128) with x;
+    x_base: pointers to x[m, offs_k] ([128, BLOCK_M] for SWAP, else [BLOCK_M, 128])."""
+    if MODE == 1:
+        if EVEN_K:
+            xt = tl.load(x_base + k0, mask=m_ok[None, :], other=0.0)
+        else:
+            xt = tl.load(x_base + k0, mask=m_ok[None, :] & ((k0 + offs_k)[:, None] < K), other=0.0)
+        acc = tl.dot(tl.trans(w), xt.to(DOT_TY), acc)
+    else:
+        if EVEN_K:
+            xt = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
+        else:
+            xt = tl.load(x_base + k0, mask=m_ok[:, None] & ((k0 + offs_k)[None, :] < K), other=0.0)
+        acc = tl.dot(xt.to(DOT_TY), w, acc)
+    return acc
+
+
+def _load_group(s_ptr, b_ptr, row, NPAD, offs_n, FAMILY: tl.constexpr, ASM: tl.constexpr):
+    """Scale and bias of one group row for the BLOCK_N columns: the dtype's values
+    (int; float32 under the interpreter) / the int32 exponent twice (mx)."""
+    s = tl.load(s_ptr + row * NPAD + offs_n)
+    if FAMILY == 1:
+        s = s.to(tl.int32)
+        b = s
+    else:
+        b = tl.load(b_ptr + row * NPAD + offs_n)
+        if not ASM:
+            s = s.to(tl.float32)
+            b = b.to(tl.float32)
+    return s, b
+
+
+def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+    """Scale and bias rows of K tile t's groups for the BLOCK_N columns: (s0, b0, ..., s3, b3);
+    rows past the tile's group count repeat the last."""
+    NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
+    if GROUP == 0:
+        g0 = t * 0
+    elif NG == 1:
+        g0 = (t * 128) // GROUP
+    else:
+        g0 = t * NG
+    s0, b0 = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM)
+    s1, b1 = s0, b0
+    s2, b2 = s0, b0
+    s3, b3 = s0, b0
+    if NG >= 2:
+        s1, b1 = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM)
+        s2, b2 = s1, b1
+        s3, b3 = s1, b1
+    if NG == 4:
+        s2, b2 = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM)
+        s3, b3 = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM)
+    return s0, b0, s1, b1, s2, b2, s3, b3
+
+
+def _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY: tl.constexpr, GROUP: tl.constexpr,
+              ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr,
+              OUT_F32: tl.constexpr = False):
+    """Words [R, BLOCK_N] of 4-bit codes -> the values at positions 0..7 (8 tensors [R, BLOCK_N]);
+    OUT_F32: the same values widened to float32 (on the GPU, inside the PTX)."""
+    NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
+    # position j covers K [16 j, 16 j + 16) of the tile: its group is j // 2 (NG=4), j // 4 (NG=2) or 0
+    if NG == 4:
+        sa, ba, sb, bb, sc, bc, sd, bd = s0, b0, s0, b0, s1, b1, s1, b1  # j = 0..3
+        se, be, sf, bf, sg, bg, sh, bh = s2, b2, s2, b2, s3, b3, s3, b3  # j = 4..7
+    else:  # NG 2: s0 for j < 4, s1 after; NG 1: s1 is s0
+        sa, ba, sb, bb, sc, bc, sd, bd = s0, b0, s0, b0, s0, b0, s0, b0
+        se, be, sf, bf, sg, bg, sh, bh = s1, b1, s1, b1, s1, b1, s1, b1
+    if ASM:
+        if FAMILY == 1:
+            p0 = tl.broadcast_to((_mx_scale_bits(sa, FP16) | (_mx_scale_bits(se, FP16) << 16))[None, :], word.shape)
+            p2 = tl.broadcast_to((_mx_scale_bits(sc, FP16) | (_mx_scale_bits(sg, FP16) << 16))[None, :], word.shape)
+            if OUT_F32:
+                if FP16:
+                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                        _MX_ASM_FP16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [word, p0, p0, p2, p2],
+                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                else:
+                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                        _MX_ASM_BF16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [word, p0, p0, p2, p2],
+                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            elif FP16:
+                w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                    _MX_ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, p0, p0, p2, p2],
+                    dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            else:
+                w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                    _MX_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, p0, p0, p2, p2],
+                    dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            p0 = tl.broadcast_to(_pair(sa, se)[None, :], word.shape)
+            q0 = tl.broadcast_to(_pair(ba, be)[None, :], word.shape)
+            p2 = tl.broadcast_to(_pair(sc, sg)[None, :], word.shape)
+            q2 = tl.broadcast_to(_pair(bc, bg)[None, :], word.shape)
+            if OUT_F32:
+                if FP16:
+                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                        _I4_ASM_FP16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                        [word, p0, p0, p2, p2, q0, q0, q2, q2], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                else:
+                    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                        _I4_ASM_BF16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                        [word, p0, p0, p2, p2, q0, q0, q2, q2], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            elif FP16:
+                w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                    _I4_ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                    [word, p0, p0, p2, p2, q0, q0, q2, q2], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+            else:
+                w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                    _I4_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                    [word, p0, p0, p2, p2, q0, q0, q2, q2], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        w0 = _emulate(word, 0, sa[None, :], ba[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+        w1 = _emulate(word, 1, sb[None, :], bb[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+        w2 = _emulate(word, 2, sc[None, :], bc[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+        w3 = _emulate(word, 3, sd[None, :], bd[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+        w4 = _emulate(word, 4, se[None, :], be[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+        w5 = _emulate(word, 5, sf[None, :], bf[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+        w6 = _emulate(word, 6, sg[None, :], bg[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+        w7 = _emulate(word, 7, sh[None, :], bh[None, :], FAMILY, 4, DOT_TY, RNE_BF16)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+def _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP: tl.constexpr,
+              ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Words [R, BLOCK_N] of 8-bit codes -> the values at positions 0..3 (4 tensors [R, BLOCK_N])."""
+    NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
+    # position j covers K [32 j, 32 j + 32): its group is j (NG=4), j // 2 (NG=2) or 0
+    if NG == 2:
+        s2, b2, s3, b3 = s1, b1, s1, b1
+        s1, b1 = s0, b0
+    if ASM:
+        sv0 = tl.broadcast_to(s0[None, :], word.shape)
+        sv1 = tl.broadcast_to(s1[None, :], word.shape)
+        sv2 = tl.broadcast_to(s2[None, :], word.shape)
+        sv3 = tl.broadcast_to(s3[None, :], word.shape)
+        bv0 = tl.broadcast_to(b0[None, :], word.shape)
+        bv1 = tl.broadcast_to(b1[None, :], word.shape)
+        bv2 = tl.broadcast_to(b2[None, :], word.shape)
+        bv3 = tl.broadcast_to(b3[None, :], word.shape)
+        if FP16:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                _I8_ASM_FP16, "=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                [word, sv0, sv1, sv2, sv3, bv0, bv1, bv2, bv3], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+        else:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                _I8_ASM_BF16, "=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                [word, sv0, sv1, sv2, sv3, bv0, bv1, bv2, bv3], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1)
+    else:
+        w0 = _emulate(word, 0, s0[None, :], b0[None, :], 0, 8, DOT_TY, RNE_BF16)
+        w1 = _emulate(word, 1, s1[None, :], b1[None, :], 0, 8, DOT_TY, RNE_BF16)
+        w2 = _emulate(word, 2, s2[None, :], b2[None, :], 0, 8, DOT_TY, RNE_BF16)
+        w3 = _emulate(word, 3, s3[None, :], b3[None, :], 0, 8, DOT_TY, RNE_BF16)
+    return w0, w1, w2, w3
+
+
+def _wo_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, NT, TPS, NPAD,
     stride_xm, stride_ym,
     FAMILY: tl.constexpr,  # 0: int, 1: mxfp4
     BITS: tl.constexpr,  # 4 or 8
-    SYMMETRIC: tl.constexpr,  # int: codes stored as q + 2^(BITS-1)
-    HAS_ZERO: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    SUBS_PER_GROUP: tl.constexpr,
-    KS: tl.constexpr,  # K elements per sub-block
-    KH: tl.constexpr,  # codes rows per sub-block: KS // 2 for 4-bit, KS for 8-bit
-    NSUB: tl.constexpr,  # sub-blocks per K tile
-    EVEN_T: tl.constexpr,  # NKS % NSUB == 0: no sub-block past the end
+    GROUP: tl.constexpr,  # scale group along K (elements); 0: one per row
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
+    MODE: tl.constexpr,  # 0 GEMM, 1 SWAP, 2 GEMV
     PARTIAL: tl.constexpr,  # split-K: write float32 partials to ws[pid_k] (no bias, no cast)
-    SWAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    DOT_TY: tl.constexpr,  # x's dtype; float32 under the interpreter for bf16 (see _dot_type)
-    RNE_BF16: tl.constexpr,  # interpreter with bf16: round float32 -> bf16 by bits (see _dot_type)
+    ASM: tl.constexpr,  # inline PTX dequantization (GPU); plain Triton under the interpreter
+    FP16: tl.constexpr,  # x is float16 (else bfloat16)
+    DOT_TY: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % 128 == 0: no mask along K on x
+    CAT: tl.constexpr = False,  # stack a tile's chunks into one [128, BLOCK_N] operand: one dot per tile
 ):
+    R: tl.constexpr = 4 * BITS  # word rows per 128-element K tile (128 * BITS / 32)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -85,186 +416,130 @@ def _wo_matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
     m_ok = offs_m < M
     x_row = offs_m.to(tl.int64) * stride_xm
-    offs_h = tl.arange(0, KH)
-
-    if PER_CHANNEL:
-        s_pc = tl.load(s_ptr + offs_n).to(tl.float32)
-        if SWAP:
-            s_pc = s_pc[:, None]
+    offs_k = tl.arange(0, 128)
+    if CAT:
+        if MODE == 1:
+            x_base = x_ptr + x_row[None, :] + offs_k[:, None]
         else:
-            s_pc = s_pc[None, :]
-        if HAS_ZERO:
-            z_pc = tl.load(z_ptr + offs_n).to(tl.float32)
-            if SWAP:
-                z_pc = z_pc[:, None]
-            else:
-                z_pc = z_pc[None, :]
+            x_base = x_ptr + x_row[:, None] + offs_k[None, :]
+    elif MODE == 1:
+        x_base = x_ptr + x_row[None, :] + offs_r[:, None]
+    else:
+        x_base = x_ptr + x_row[:, None] + offs_r[None, :]
+    w_base = w_ptr + offs_r.to(tl.int64)[:, None] * NPAD + offs_n[None, :]
 
-    if SWAP:
+    if MODE == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    elif MODE == 2:
+        acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)  # summed over its rows at the end
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     t_begin = pid_k * TPS
-    t_end = tl.minimum(t_begin + TPS, T)
+    t_end = tl.minimum(t_begin + TPS, NT)
     for t in range(t_begin, t_end):
-        for i in tl.static_range(NSUB):
-            sb = t * NSUB + i
-            # ---- packed codes of this sub-block: rows [sb*KH, sb*KH + KH) of [kpad/epb, NPAD]
-            rows = (sb * KH + offs_h).to(tl.int64) * NPAD
-            if SWAP:
-                w_ptrs = w_ptr + offs_n[:, None] + rows[None, :]
+        word = tl.load(w_base + t * (R * NPAD))  # [R, BLOCK_N]; the packing keeps codes < 2^31 elements
+        s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM)
+        k0 = t * 128
+        if BITS == 4:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY, GROUP,
+                                                       ASM, FP16, DOT_TY, RNE_BF16, MODE == 2)
+        if BITS == 4 and CAT:
+            acc = _acc_tile(acc, _stack8(w0, w1, w2, w3, w4, w5, w6, w7), x_base, m_ok, k0, offs_k, K, MODE, DOT_TY,
+                            EVEN_K)
+        elif BITS == 4:
+            acc = _acc_chunk(acc, w0, x_base, m_ok, k0 + 0 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            acc = _acc_chunk(acc, w1, x_base, m_ok, k0 + 1 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            acc = _acc_chunk(acc, w2, x_base, m_ok, k0 + 2 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            acc = _acc_chunk(acc, w3, x_base, m_ok, k0 + 3 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            acc = _acc_chunk(acc, w4, x_base, m_ok, k0 + 4 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            acc = _acc_chunk(acc, w5, x_base, m_ok, k0 + 5 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            acc = _acc_chunk(acc, w6, x_base, m_ok, k0 + 6 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            acc = _acc_chunk(acc, w7, x_base, m_ok, k0 + 7 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+        else:
+            w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16)
+            if CAT:
+                acc = _acc_tile(acc, _stack4(w0, w1, w2, w3), x_base, m_ok, k0, offs_k, K, MODE, DOT_TY, EVEN_K)
             else:
-                w_ptrs = w_ptr + rows[:, None] + offs_n[None, :]
-            if EVEN_T:
-                p = tl.load(w_ptrs)
-            else:
-                row_ok = (sb * KH + offs_h) < NKS * KH  # sub-blocks past the end read zeros
-                if SWAP:
-                    p = tl.load(w_ptrs, mask=row_ok[None, :], other=0)
-                else:
-                    p = tl.load(w_ptrs, mask=row_ok[:, None], other=0)
-            if not EVEN_T:
-                col_ok = (offs_n * 0 + sb) < NKS
-            # ---- scales (and zeros) of this sub-block's group
-            if FAMILY == 1:
-                if EVEN_T:
-                    e = tl.load(s_ptr + sb.to(tl.int64) * NPAD + offs_n)
-                else:
-                    e = tl.load(s_ptr + sb.to(tl.int64) * NPAD + offs_n, mask=col_ok, other=127)
-                e = e.to(tl.int32)
-                sbits = tl.where(e == 0, 1 << 22, e << 23)  # 2^(e-127); e = 0 is subnormal 2^-127
-                sbits = tl.where(e == 255, _E8M0_NAN_BITS, sbits)
-                s = sbits.to(tl.float32, bitcast=True)
-            elif PER_CHANNEL:
-                s = s_pc
-                if HAS_ZERO:
-                    z = z_pc
-            else:
-                g = (sb // SUBS_PER_GROUP).to(tl.int64) * NPAD
-                if EVEN_T:
-                    s = tl.load(s_ptr + g + offs_n).to(tl.float32)
-                    if HAS_ZERO:
-                        z = tl.load(z_ptr + g + offs_n).to(tl.float32)
-                else:
-                    s = tl.load(s_ptr + g + offs_n, mask=col_ok, other=0).to(tl.float32)
-                    if HAS_ZERO:
-                        z = tl.load(z_ptr + g + offs_n, mask=col_ok, other=0).to(tl.float32)
-            if not PER_CHANNEL:
-                if SWAP:
-                    s = s[:, None]
-                    if HAS_ZERO:
-                        z = z[:, None]
-                else:
-                    s = s[None, :]
-                    if HAS_ZERO:
-                        z = z[None, :]
-
-            k_lo = sb * KS + offs_h  # K index of the first (or only) half
-            # Codes are unsigned (symmetric ints biased by 2^(b-1) at packing). An
-            # integer u < 2^23 becomes float exactly and cheaply as
-            # bits(0x4B000000 | u) - 2^23 (no int-to-float conversion instruction);
-            # subtracting 2^23 + bias instead gives the signed code q.
-            if SYMMETRIC:
-                if BITS == 4:
-                    off = 8388616.0  # 2^23 + 8
-                else:
-                    off = 8388736.0  # 2^23 + 128
-            else:
-                off = 8388608.0  # 2^23
-            if BITS == 4:
-                p = p.to(tl.int32)
-                lo = p & 15
-                hi = p >> 4
-                if FAMILY == 1:
-                    # e2m1 (s ee m) -> float32 bits: |v| = (1 + m/2) 2^(e-1) for e > 0 is
-                    # bits (mag << 22) + (126 << 23); mag = 1 is 0.5; mag = 0 is +-0
-                    mag_lo = lo & 7
-                    b_lo = tl.where(mag_lo >= 2, (mag_lo << 22) + _F32_HALF_EXP, mag_lo * 0x3F000000)
-                    f_lo = (b_lo | ((lo & 8) << 28)).to(tl.float32, bitcast=True)
-                    mag_hi = hi & 7
-                    b_hi = tl.where(mag_hi >= 2, (mag_hi << 22) + _F32_HALF_EXP, mag_hi * 0x3F000000)
-                    f_hi = (b_hi | ((hi & 8) << 28)).to(tl.float32, bitcast=True)
-                    w_lo = f_lo * s
-                    w_hi = f_hi * s
-                else:
-                    q_lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - off
-                    q_hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - off
-                    if HAS_ZERO:
-                        w_lo = (q_lo - z) * s
-                        w_hi = (q_hi - z) * s
-                    else:
-                        w_lo = q_lo * s
-                        w_hi = q_hi * s
-                if RNE_BF16:  # interpreter: round to bf16 by bits (its cast truncates)
-                    w_lo_u = w_lo.to(tl.int32, bitcast=True)
-                    w_lo = ((w_lo_u + 0x7FFF + ((w_lo_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-                if RNE_BF16:  # interpreter: round to bf16 by bits (its cast truncates)
-                    w_hi_u = w_hi.to(tl.int32, bitcast=True)
-                    w_hi = ((w_hi_u + 0x7FFF + ((w_hi_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-                k_hi = k_lo + KH
-                if SWAP:
-                    x_lo = tl.load(x_ptr + x_row[None, :] + k_lo[:, None],
-                                   mask=m_ok[None, :] & (k_lo[:, None] < K), other=0.0)
-                    x_hi = tl.load(x_ptr + x_row[None, :] + k_hi[:, None],
-                                   mask=m_ok[None, :] & (k_hi[:, None] < K), other=0.0)
-                    acc = tl.dot(w_lo.to(x_lo.dtype).to(DOT_TY), x_lo.to(DOT_TY), acc)
-                    acc = tl.dot(w_hi.to(x_hi.dtype).to(DOT_TY), x_hi.to(DOT_TY), acc)
-                else:
-                    x_lo = tl.load(x_ptr + x_row[:, None] + k_lo[None, :],
-                                   mask=m_ok[:, None] & (k_lo[None, :] < K), other=0.0)
-                    x_hi = tl.load(x_ptr + x_row[:, None] + k_hi[None, :],
-                                   mask=m_ok[:, None] & (k_hi[None, :] < K), other=0.0)
-                    acc = tl.dot(x_lo.to(DOT_TY), w_lo.to(x_lo.dtype).to(DOT_TY), acc)
-                    acc = tl.dot(x_hi.to(DOT_TY), w_hi.to(x_hi.dtype).to(DOT_TY), acc)
-            else:
-                q = (p.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - off
-                if HAS_ZERO:
-                    w = (q - z) * s
-                else:
-                    w = q * s
-                if RNE_BF16:  # interpreter: round to bf16 by bits (its cast truncates)
-                    w_u = w.to(tl.int32, bitcast=True)
-                    w = ((w_u + 0x7FFF + ((w_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-                if SWAP:
-                    xt = tl.load(x_ptr + x_row[None, :] + k_lo[:, None],
-                                 mask=m_ok[None, :] & (k_lo[:, None] < K), other=0.0)
-                    acc = tl.dot(w.to(xt.dtype).to(DOT_TY), xt.to(DOT_TY), acc)
-                else:
-                    xt = tl.load(x_ptr + x_row[:, None] + k_lo[None, :],
-                                 mask=m_ok[:, None] & (k_lo[None, :] < K), other=0.0)
-                    acc = tl.dot(xt.to(DOT_TY), w.to(xt.dtype).to(DOT_TY), acc)
+                acc = _acc_chunk(acc, w0, x_base, m_ok, k0 + 0 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+                acc = _acc_chunk(acc, w1, x_base, m_ok, k0 + 1 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+                acc = _acc_chunk(acc, w2, x_base, m_ok, k0 + 2 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+                acc = _acc_chunk(acc, w3, x_base, m_ok, k0 + 3 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
 
     # ---- epilogue: partials, or bias + cast + store
+    if MODE == 2:
+        acc = tl.sum(acc, axis=0)[None, :]
     n_ok = offs_n < N
-    if SWAP:
+    if MODE == 1:
         mask = n_ok[:, None] & m_ok[None, :]
-        if PARTIAL:
-            ws_ptrs = ws_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-            tl.store(ws_ptrs, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            if RNE_BF16:
-                acc_u = acc.to(tl.int32, bitcast=True)
-                acc = ((acc_u + 0x7FFF + ((acc_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-            y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        y_off = offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
     else:
         mask = m_ok[:, None] & n_ok[None, :]
-        if PARTIAL:
-            ws_ptrs = ws_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.store(ws_ptrs, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if RNE_BF16:
-                acc_u = acc.to(tl.int32, bitcast=True)
-                acc = ((acc_u + 0x7FFF + ((acc_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-            y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if PARTIAL:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if MODE == 1:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
+        if RNE_BF16:
+            acc = _round_to_bf16(acc)
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _dequant_kernel(
+    w_ptr, s_ptr, b_ptr, out_ptr, N, K, NPAD,
+    FAMILY: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr,
+):
+    """out[k, n] (W^T, [K, N] contiguous) = the kernel's value of W[n, k]: one K tile x
+    BLOCK_N columns per program. For large M: cuBLAS then multiplies x by it."""
+    R: tl.constexpr = 4 * BITS
+    t = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    word = tl.load(w_ptr + (t * R + offs_r).to(tl.int64)[:, None] * NPAD + offs_n[None, :])
+    s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM)
+    rows = (t * 128 + offs_r).to(tl.int64)[:, None]
+    n_ok = (offs_n < N)[None, :]
+    out = out_ptr + rows * N + offs_n[None, :]
+    if BITS == 4:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY, GROUP,
+                                                   ASM, FP16, DOT_TY, RNE_BF16)
+        tl.store(out + 0 * R * N, w0.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 0 * R < K))
+        tl.store(out + 1 * R * N, w1.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 1 * R < K))
+        tl.store(out + 2 * R * N, w2.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 2 * R < K))
+        tl.store(out + 3 * R * N, w3.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 3 * R < K))
+        tl.store(out + 4 * R * N, w4.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 4 * R < K))
+        tl.store(out + 5 * R * N, w5.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 5 * R < K))
+        tl.store(out + 6 * R * N, w6.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 6 * R < K))
+        tl.store(out + 7 * R * N, w7.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 7 * R < K))
+    else:
+        w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16)
+        tl.store(out + 0 * R * N, w0.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 0 * R < K))
+        tl.store(out + 1 * R * N, w1.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 1 * R < K))
+        tl.store(out + 2 * R * N, w2.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 2 * R < K))
+        tl.store(out + 3 * R * N, w3.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 3 * R < K))
+
+
+_I4_ASM_BF16 = tl.constexpr(_I4_ASM["bf16"])
+_I4_ASM_BF16_F32 = tl.constexpr(_to_f32(_I4_ASM["bf16"], "bf16"))
+_I4_ASM_FP16_F32 = tl.constexpr(_to_f32(_I4_ASM["fp16"], "fp16"))
+_MX_ASM_BF16_F32 = tl.constexpr(_to_f32(_MX_ASM["bf16"], "bf16"))
+_MX_ASM_FP16_F32 = tl.constexpr(_to_f32(_MX_ASM["fp16"], "fp16"))
+_I4_ASM_FP16 = tl.constexpr(_I4_ASM["fp16"])
+_MX_ASM_BF16 = tl.constexpr(_MX_ASM["bf16"])
+_MX_ASM_FP16 = tl.constexpr(_MX_ASM["fp16"])
+_I8_ASM_BF16 = tl.constexpr(_I8_ASM["bf16"])
+_I8_ASM_FP16 = tl.constexpr(_I8_ASM["fp16"])
 
 
 def _splitk_reduce_kernel(
@@ -284,8 +559,7 @@ def _splitk_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     if RNE_BF16:
-        acc_u = acc.to(tl.int32, bitcast=True)
-        acc = ((acc_u + 0x7FFF + ((acc_u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        acc = _round_to_bf16(acc)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -296,19 +570,31 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _round_to_bf16, _emulate, _acc_chunk, _load_group,
+                                    _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile)}
+
+
 def _kernels():
+    """The kernels, wrapped for the current mode (compiled, or interpreted). The
+    device functions they call are module globals, set to this mode's wrappers."""
     mode = interpret_mode()
     if mode not in _JITTED:
+        helpers = {name: triton.jit(fn) for name, fn in _HELPERS.items()}
         # M and the K-tile counts change from call to call: one compiled variant
         # serves every value (no M == 1 specialisation)
         _JITTED[mode] = (
-            triton.jit(_wo_matmul_kernel, do_not_specialize=["M", "NKS", "T", "TPS"]),
+            triton.jit(_wo_kernel, do_not_specialize=["M", "NT", "TPS"]),
             triton.jit(_splitk_reduce_kernel, do_not_specialize=["MN", "SPLIT_K"]),
+            triton.jit(_dequant_kernel),
+            helpers,
         )
-    return _JITTED[mode]
+    matmul, reduce, dequant, helpers = _JITTED[mode]
+    globals().update(helpers)
+    return matmul, reduce, dequant
 
 
 _REDUCE_BLOCK = 1024
+MODES = {"gemm": 0, "swap": 1, "gemv": 2}
 
 
 def _dot_type(dtype: torch.dtype):
@@ -327,52 +613,65 @@ def _dot_type(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg) -> None:
+def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg):
     """y[M, N] = x2[M, K] @ W^T (+ bias) with the config ``cfg`` (a WeightOnlyConfig
-    already validated for ``pw``). x2 has unit stride along K, y is contiguous."""
-    matmul, reduce = _kernels()
-    rne = x2.dtype == torch.bfloat16 and interpret_mode()
+    already validated for ``pw``). x2 has unit stride along K, y is contiguous.
+    Returns the matmul kernel's launch handle (its compiled code, for inspection)."""
+    matmul, reduce, _ = _kernels()
+    interp = interpret_mode()
+    rne = x2.dtype == torch.bfloat16 and interp
     lay = pw.layout
     m, k = x2.shape
     n = pw.n
-    nsub = cfg.block_k // lay.ks
-    n_sub_total = lay.n_sub
-    t_total = -(-n_sub_total // nsub)
-    split = max(1, min(cfg.split_k, t_total))
-    tps = -(-t_total // split)
-    split = -(-t_total // tps)  # no empty split
+    nt = lay.n_tiles
+    split = max(1, min(cfg.split_k, nt))
+    tps = -(-nt // split)
+    split = -(-nt // tps)  # no empty split
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
-    dummy = pw.scales
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    matmul[grid](
-        x2, pw.codes, pw.scales, pw.zeros if pw.zeros is not None else dummy,
-        bias if bias is not None else dummy, y, ws,
-        m, n, k, n_sub_total, t_total, tps, lay.npad,
+    handle = matmul[grid](
+        x2, pw.codes, pw.scales, pw.biases if pw.biases is not None else pw.scales,
+        bias if bias is not None else pw.scales, y, ws,
+        m, n, k, nt, tps, lay.npad,
         x2.stride(0), y.stride(0),
         FAMILY=1 if lay.family == "mx" else 0,
         BITS=lay.bits,
-        SYMMETRIC=lay.symmetric,
-        HAS_ZERO=lay.has_zeros,
-        PER_CHANNEL=lay.per_channel,
-        SUBS_PER_GROUP=lay.subs_per_group,
-        KS=lay.ks,
-        KH=lay.rows_per_sub,
-        NSUB=nsub,
-        EVEN_T=n_sub_total % nsub == 0,
+        GROUP=lay.group,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         GROUP_M=cfg.group_m,
+        MODE=MODES[cfg.mode],
         PARTIAL=split > 1,
-        SWAP=cfg.swap_ab,
         HAS_BIAS=bias is not None,
+        ASM=not interp,
+        FP16=x2.dtype == torch.float16,
         DOT_TY=_dot_type(x2.dtype),
         RNE_BF16=rne,
+        EVEN_K=k % 128 == 0,
+        CAT=cfg.stack and cfg.mode != "gemv",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     if split > 1:
         mn = m * n
         reduce[(triton.cdiv(mn, _REDUCE_BLOCK),)](
-            ws, bias if bias is not None else dummy, y, mn, n, split,
+            ws, bias if bias is not None else pw.scales, y, mn, n, split,
             BLOCK=_REDUCE_BLOCK, HAS_BIAS=bias is not None, RNE_BF16=rne, num_warps=4,
         )
+    return handle
+
+
+def dequantize_t(pw, dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in ``dtype`` (pw.dtype), contiguous: the kernels' weight values."""
+    _, _, dequant = _kernels()
+    interp = interpret_mode()
+    lay = pw.layout
+    out = torch.empty((pw.k, pw.n), dtype=dtype, device=pw.codes.device)
+    block_n = 128
+    dequant[(triton.cdiv(pw.n, block_n), lay.n_tiles)](
+        pw.codes, pw.scales, pw.biases if pw.biases is not None else pw.scales, out, pw.n, pw.k, lay.npad,
+        FAMILY=1 if lay.family == "mx" else 0, BITS=lay.bits, GROUP=lay.group, BLOCK_N=block_n,
+        ASM=not interp, FP16=dtype == torch.float16, DOT_TY=_dot_type(dtype),
+        RNE_BF16=dtype == torch.bfloat16 and interp, num_warps=4,
+    )
+    return out

@@ -1,33 +1,40 @@
 """Kernel-private packing of a quantized weight for the weight-only matmul.
 
-``pack_weight(qt)`` turns a canonical QTensor of a weight [N, K] (blocked along
-K, docs/formats.md) into a ``PackedWeight``: the canonical QTensor (kept for the
-reference path and for re-packing) plus, where the Triton kernels support the
-format, the tensors in the layout those kernels read. That layout is made at
-load time and never saved.
+``pack_weight(qt, dtype=...)`` turns a canonical QTensor of a weight [N, K]
+(blocked along K, docs/formats.md) into a ``PackedWeight``: the canonical
+QTensor (kept for the reference path and for re-packing) plus, where the Triton
+kernels support the format, the tensors in the layout those kernels read. That
+layout is made at load time and never saved.
 
 The Triton layout (``Layout`` describes it):
 
-- K is cut into sub-blocks of ``ks`` elements (the scale group, at most 128; 128
-  for one scale per row) and padded with zero codes to ``kpad``, a multiple of
-  ``ks``; N is padded with zero codes and zero scales to ``npad``, a multiple of
-  ``N_ALIGN`` (the largest BLOCK_N), so that the kernels load whole, aligned
-  tiles without masks.
-- Codes are stored transposed, K-major rows of N: ``codes[kp, n]``, so a load of
-  a K-slice of a BLOCK_N tile is contiguous along N. Codes are unsigned: a
-  symmetric int code q is stored as q + 2^(b-1) (its pattern with the top bit
-  flipped), so that the kernel turns every code into a float with one OR and
-  one subtraction. 8-bit codes: one per byte, ``codes`` is [kpad, npad] uint8.
-- 4-bit codes: two per byte, split by halves of each sub-block: byte row
-  ``j * ks/2 + r`` holds element ``k = j*ks + r`` in its low nibble and
-  ``k = j*ks + ks/2 + r`` in its high nibble (r < ks/2). The kernel then
-  dequantizes two contiguous halves of a sub-block and issues one dot for each,
-  with no interleaving of nibbles. ``codes`` is [kpad/2, npad] uint8.
-- Scales (and zeros) are transposed too: [groups, npad], one row per scale
-  group along K, in their stored dtype (float32, bfloat16 or float16 for ints:
-  the kernel computes (q - z) * s in float32 exactly as the reference; uint8
-  E8M0 exponents for MXFP4). A scale tile that covers several rows (tensor or
-  block granularity) is expanded to one scale per row; the values are unchanged.
+- K is cut into tiles of ``TILE_K`` = 128 elements (zero codes pad K to
+  ``kpad``); N is padded with zero codes and zero scales to ``npad``, a multiple
+  of ``N_ALIGN``, so the kernels load whole tiles without masks.
+- Codes are 32-bit words, ``codes[w, n]`` (int32 [kpad * bits / 32, npad]),
+  N-contiguous so that a row of words is one coalesced load. A K tile is
+  ``R`` = 1024 / bits word rows (16 for 4-bit, 32 for 8-bit); the code at
+  position j of word row r of tile t (nibble or byte j, from the low bits up)
+  is element ``k = t*128 + j*R + r``. So position j of all R rows of a tile is
+  the contiguous K chunk [t*128 + j*R, t*128 + (j+1)*R): the kernel turns each
+  word into its 8 (or 4) values at once and issues one MMA per chunk, with no
+  shuffling of values along K.
+- Codes are unsigned: a symmetric int code q is stored as q + 2^(b-1) (its
+  pattern with the top bit flipped) and the offset moves into the bias below.
+- Int scales become one (scale, bias) pair per group, ``w = q * scale + bias``
+  with ``bias = -zero * scale`` (``-2^(b-1) * scale`` when symmetric), both
+  [groups, npad]. For 4-bit weights they are rounded to the activation dtype
+  (``dtype``, bf16 or fp16): the kernel dequantizes two values per
+  instruction in that dtype (``fma.rn.bf16x2``), so each weight value is
+  ``round(q * scale + bias)`` with scale and bias rounded first: a relative
+  deviation from the float32 reference of about one unit in the last place of
+  the dtype (``kernel_weight`` computes exactly what the kernel uses). 8-bit
+  scales stay float32 (``round(fma(q, scale, bias))``, the reference's value
+  for integer zero points). MXFP4 keeps its E8M0 exponents (uint8 [groups,
+  npad]); its values are exact.
+- A scale tile that covers several rows (tensor or block granularity) is
+  expanded to one scale per row; groups must be 32 or 64 elements, a multiple of
+  128, or all of K (one scale per row).
 """
 
 from __future__ import annotations
@@ -39,9 +46,9 @@ import torch
 from ..formats import QTensor
 
 N_ALIGN = 256  # npad is a multiple of this: every BLOCK_N up to 256 tiles it
-MAX_KS = 128  # largest K sub-block: one scale row per sub-block at most
-
+TILE_K = 128  # K elements per tile of words
 TRITON_FORMATS = ("int4", "int8", "mxfp4")
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -50,41 +57,39 @@ class Layout:
 
     family: str  # "int" | "mx"
     bits: int  # 4 or 8
-    symmetric: bool  # int: no zero point; codes stored biased by 2^(bits-1)
-    has_zeros: bool
-    per_channel: bool  # one scale row for all of K
-    ks: int  # K sub-block in elements (a scale group, or 128 for per-channel)
-    subs_per_group: int  # sub-blocks per scale group (1 unless the group is a multiple of 128)
-    kpad: int  # K padded to a multiple of ks
+    group: int  # scale group along K in elements; 0: one scale per row
+    kpad: int  # K padded to a multiple of TILE_K
     npad: int  # N padded to a multiple of N_ALIGN
 
     @property
-    def n_sub(self) -> int:
-        """Number of K sub-blocks."""
-        return self.kpad // self.ks
+    def rows_per_tile(self) -> int:
+        """Word rows per K tile (R)."""
+        return TILE_K * self.bits // 32
 
     @property
-    def rows_per_sub(self) -> int:
-        """Rows of ``codes`` per K sub-block."""
-        return self.ks // 2 if self.bits == 4 else self.ks
+    def n_tiles(self) -> int:
+        return self.kpad // TILE_K
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class PackedWeight:
     """A weight [n, k] ready for ``weight_only_matmul``.
 
-    ``qtensor`` is the canonical weight; ``codes``, ``scales`` and ``zeros`` are
-    the Triton layout (None where the Triton kernels do not support the format,
-    ``unsupported`` then says why).
+    ``qtensor`` is the canonical weight; ``codes``, ``scales`` and ``biases``
+    are the Triton layout (None where the Triton kernels do not support the
+    format, ``unsupported`` then says why). ``dtype`` is the activation dtype
+    the Triton layout was made for (its scales are rounded to it for 4-bit
+    ints); the Triton backend refuses other activation dtypes.
     """
 
     fmt: str
     n: int
     k: int
     qtensor: QTensor
+    dtype: torch.dtype
     codes: torch.Tensor | None = None
     scales: torch.Tensor | None = None
-    zeros: torch.Tensor | None = None
+    biases: torch.Tensor | None = None
     layout: Layout | None = None
     unsupported: str | None = None
 
@@ -99,7 +104,7 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed (kernel) tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.biases) if t is not None)
 
     def to(self, device) -> "PackedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -108,83 +113,108 @@ class PackedWeight:
             qtensor=self.qtensor.to(device),
             codes=move(self.codes),
             scales=move(self.scales),
-            zeros=move(self.zeros),
+            biases=move(self.biases),
         )
 
     def __repr__(self) -> str:
         how = f"layout={self.layout}" if self.layout else f"reference only ({self.unsupported})"
-        return f"PackedWeight({self.fmt}, n={self.n}, k={self.k}, device={self.device}, {how})"
+        return f"PackedWeight({self.fmt}, n={self.n}, k={self.k}, {self.dtype}, device={self.device}, {how})"
 
 
-def _triton_layout(qt: QTensor) -> tuple[Layout | None, str | None]:
-    """The Triton layout for ``qt``, or (None, why not)."""
-    spec = qt.spec
-    n, k = qt.shape
-    npad = -(-n // N_ALIGN) * N_ALIGN
-    if spec.family == "int" and spec.bits in (4, 8):
-        symmetric = bool(qt.options.get("symmetric", True))
-        tc = qt.tile[1]
-        per_channel = qt.scales.shape[1] == 1  # one scale column: channel, tensor, or a group >= K
-        if per_channel:
-            ks, spg = MAX_KS, 1
-        elif tc in (32, 64, 128):
-            ks, spg = tc, 1
-        elif tc % MAX_KS == 0:
-            ks, spg = MAX_KS, tc // MAX_KS
-        else:
-            return None, (
-                f"{qt.fmt} with scale groups of {tc} along K: the Triton kernels take groups of "
-                "32, 64, 128 or a multiple of 128, or one scale per row"
-            )
-        kpad = -(-k // ks) * ks
-        return Layout("int", spec.bits, symmetric, not symmetric, per_channel, ks, spg, kpad, npad), None
-    if qt.fmt == "mxfp4":
-        ks = 32
-        kpad = -(-k // ks) * ks
-        return Layout("mx", 4, False, False, False, ks, 1, kpad, npad), None
+def _group_of(qt: QTensor) -> tuple[int | None, str | None]:
+    """The scale group along K in elements (0 for one per row), or (None, why not)."""
+    if qt.scales.shape[1] == 1:  # channel, tensor, or a group >= K
+        return 0, None
+    tc = qt.tile[1]
+    if tc in (32, 64) or tc % TILE_K == 0:
+        return tc, None
     return None, (
-        f"format {qt.fmt}: the Triton weight-only kernels support {', '.join(TRITON_FORMATS)} "
-        "(int with groups of 32/64/128 or per channel) so far; use backend='reference'"
+        f"{qt.fmt} with scale groups of {tc} along K: the Triton kernels take groups of "
+        f"32, 64 or a multiple of {TILE_K}, or one scale per row"
     )
 
 
-def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad a 2-D tensor to [rows, cols] (contiguous)."""
+def _triton_layout(qt: QTensor, dtype: torch.dtype) -> tuple[Layout | None, str | None]:
+    """The Triton layout for ``qt`` and activation ``dtype``, or (None, why not)."""
+    spec = qt.spec
+    n, k = qt.shape
+    npad = -(-n // N_ALIGN) * N_ALIGN
+    kpad = -(-k // TILE_K) * TILE_K
+    if n * k >= 2**33:
+        return None, f"a weight of {n * k} elements: the Triton kernels index codes with 32-bit offsets (< 2^33 elements)"
+    if spec.family == "int" and spec.bits in (4, 8):
+        group, why = _group_of(qt)
+        if why:
+            return None, why
+        return Layout("int", spec.bits, group, kpad, npad), None
+    if qt.fmt == "mxfp4":
+        e = qt.scales.view(torch.uint8)
+        lo, hi = _MX_EXP_RANGE[dtype]
+        if e.numel() and not bool(((e >= lo) & (e <= hi)).all()):
+            return None, (
+                f"mxfp4 block exponents outside [{lo}, {hi}] (a NaN block, or scales too large or small): "
+                f"the Triton kernels multiply by 2^(E-127) in {dtype}; use backend='reference'"
+            )
+        return Layout("mx", 4, 32, kpad, npad), None
+    return None, (
+        f"format {qt.fmt}: the Triton weight-only kernels support {', '.join(TRITON_FORMATS)} "
+        "(int with groups of 32, 64, a multiple of 128, or per channel) so far; use backend='reference'"
+    )
+
+
+# E8M0 exponents whose scale the kernels can apply: the kernel reads an e2m1
+# code as a subnormal-based bf16/fp16 and multiplies by 2^(E-1) (bf16) or
+# 2^(E-113) (fp16), which must be a finite number of that dtype
+_MX_EXP_RANGE = {torch.bfloat16: (0, 128), torch.float16: (89, 128)}
+
+
+def _pad2(t: torch.Tensor, rows: int, cols: int, value=0) -> torch.Tensor:
+    """Pad a 2-D tensor to [rows, cols] with ``value`` (contiguous)."""
     if tuple(t.shape) == (rows, cols):
         return t.contiguous()
-    out = torch.zeros((rows, cols), dtype=t.dtype, device=t.device)
+    out = torch.full((rows, cols), value, dtype=t.dtype, device=t.device)
     out[: t.shape[0], : t.shape[1]] = t
     return out
 
 
-def _pack_codes(qt: QTensor, lay: Layout) -> torch.Tensor:
-    n, k = qt.shape
-    bias = 1 << (lay.bits - 1) if lay.family == "int" and lay.symmetric else 0
-    if lay.bits == 8:
-        c = qt.codes.view(torch.uint8) ^ bias  # [n, k]: one code per byte
-        return _pad2(c.t(), lay.kpad, lay.npad)
-    p = qt.unpacked_codes() ^ bias  # [n, k] uint8 4-bit patterns
-    p = torch.nn.functional.pad(p, (0, lay.kpad - k))
-    p = p.reshape(n, lay.n_sub, 2, lay.ks // 2)
-    b = p[:, :, 0, :] | (p[:, :, 1, :] << 4)  # low nibble: first half, high: second half
-    return _pad2(b.reshape(n, lay.kpad // 2).t(), lay.kpad // 2, lay.npad)
+def _words(p: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Unsigned patterns p [n, k] (uint8) -> words [kpad * bits / 32, npad] int32."""
+    n, k = p.shape
+    per_word = 32 // lay.bits
+    r = lay.rows_per_tile
+    p = torch.nn.functional.pad(p.to(torch.int64), (0, lay.kpad - k))
+    p = p.reshape(n, lay.n_tiles, per_word, r)  # [n, t, j, r]: element t*128 + j*r + r'
+    shifts = (torch.arange(per_word, device=p.device) * lay.bits).reshape(1, 1, per_word, 1)
+    w = (p << shifts).sum(dim=2)  # [n, t, r], < 2^32
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    return _pad2(w.reshape(n, -1).t(), lay.kpad * lay.bits // 32, lay.npad)
 
 
-def _pack_scales(t: torch.Tensor, qt: QTensor, lay: Layout) -> torch.Tensor:
-    n = qt.shape[0]
+def _rows(t: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """A per-tile tensor [Rt, Kt] expanded to one row per weight row [n, Kt]."""
     tr = qt.tile[0]
-    if tr > 1:  # tensor or block granularity: one scale per row (same values)
-        t = t.repeat_interleave(tr, dim=0)[:n]
-    return _pad2(t.t(), t.shape[1], lay.npad)
+    return t.repeat_interleave(tr, dim=0)[: qt.shape[0]] if tr > 1 else t
 
 
-def pack_weight(qt: QTensor, device=None) -> PackedWeight:
+def _int_scales(qt: QTensor, lay: Layout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    s = _rows(qt.scales, qt).float()
+    if qt.options.get("symmetric", True):
+        b = -float(1 << (lay.bits - 1)) * s
+    else:
+        b = -_rows(qt.zeros, qt).float() * s
+    kdt = dtype if lay.bits == 4 else torch.float32
+    groups = 1 if lay.group == 0 else lay.kpad // lay.group
+    return _pad2(s.to(kdt).t(), groups, lay.npad), _pad2(b.to(kdt).t(), groups, lay.npad)
+
+
+def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -> PackedWeight:
     """Pack the canonical QTensor of a weight [N, K] (blocked along K, axis 1)
-    for ``weight_only_matmul``, on ``device`` (default: the QTensor's).
+    for ``weight_only_matmul`` with ``dtype`` activations (bf16 or fp16), on
+    ``device`` (default: the QTensor's).
 
-    Every format works with the reference backend; int4, int8 (groups of
-    32/64/128 or a multiple of 128, per channel; affine or symmetric) and mxfp4
-    also get the Triton layout.
+    Every format works with the reference backend; int4 and int8 (groups of 32,
+    64 or a multiple of 128, or per channel; affine or symmetric) and mxfp4 also
+    get the Triton layout.
     """
     if not isinstance(qt, QTensor):
         raise TypeError(f"pack_weight takes a lowbit QTensor, got {type(qt).__name__}")
@@ -195,32 +225,69 @@ def pack_weight(qt: QTensor, device=None) -> PackedWeight:
             f"pack_weight needs a weight blocked along K (axis=1, the input features), got axis={qt.axis}; "
             "quantize the weight [N, K] with axis=-1"
         )
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"dtype={dtype}: the packed layout is made for bfloat16 or float16 activations")
     qt.validate()
     if device is not None:
         qt = qt.to(device)
     n, k = (int(s) for s in qt.shape)
-    lay, why = _triton_layout(qt)
+    lay, why = _triton_layout(qt, dtype)
     if lay is None:
-        return PackedWeight(qt.fmt, n, k, qt, unsupported=why)
-    codes = _pack_codes(qt, lay)
+        return PackedWeight(qt.fmt, n, k, qt, dtype, unsupported=why)
+    p = qt.unpacked_codes()
+    if lay.family == "int" and qt.options.get("symmetric", True):
+        p = p ^ (1 << (lay.bits - 1))
+    codes = _words(p, lay)
     if lay.family == "mx":
-        scales = _pack_scales(qt.scales.view(torch.uint8), qt, lay)
+        e = _rows(qt.scales.view(torch.uint8), qt)
+        scales, biases = _pad2(e.t(), lay.kpad // 32, lay.npad, value=127), None
     else:
-        scales = _pack_scales(qt.scales, qt, lay)
-    zeros = _pack_scales(qt.zeros, qt, lay) if lay.has_zeros else None
-    return PackedWeight(qt.fmt, n, k, qt, codes, scales, zeros, lay)
+        scales, biases = _int_scales(qt, lay, dtype)
+    return PackedWeight(qt.fmt, n, k, qt, dtype, codes, scales, biases, lay)
 
 
 def unpack_codes_from_layout(pw: PackedWeight) -> torch.Tensor:
-    """The Triton layout's codes back as [n, k] unsigned patterns (uint8): the
-    inverse of the packing, for tests."""
+    """The Triton layout's codes back as [n, k] canonical unsigned patterns
+    (uint8): the inverse of the packing, for tests."""
     lay = pw.layout
     if lay is None:
         raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported})")
-    bias = 1 << (lay.bits - 1) if lay.family == "int" and lay.symmetric else 0
-    c = pw.codes[:, : pw.n].t().contiguous()  # [n, kpad or kpad/2] uint8
+    per_word = 32 // lay.bits
+    w = pw.codes[:, : pw.n].t().to(torch.int64) & 0xFFFFFFFF  # [n, t*r]
+    w = w.reshape(pw.n, lay.n_tiles, 1, lay.rows_per_tile)
+    shifts = (torch.arange(per_word, device=w.device) * lay.bits).reshape(1, 1, per_word, 1)
+    p = ((w >> shifts) & ((1 << lay.bits) - 1)).reshape(pw.n, lay.kpad)[:, : pw.k]
+    if lay.family == "int" and pw.qtensor.options.get("symmetric", True):
+        p = p ^ (1 << (lay.bits - 1))
+    return p.to(torch.uint8)
+
+
+def kernel_weight(pw: PackedWeight) -> torch.Tensor:
+    """The weight values [n, k] the Triton kernels multiply with, in pw.dtype,
+    computed in torch from the packed layout: the kernels' numerics, for tests.
+
+    4-bit ints: round(q * scale + bias) with scale and bias in pw.dtype and one
+    rounding (a fused multiply-add in that dtype); 8-bit ints: round(fma(q,
+    scale, bias)) in float32 then to pw.dtype; MXFP4: the exact value.
+    """
+    lay = pw.layout
+    if lay is None:
+        raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported})")
+    n, k = pw.n, pw.k
+    q = unpack_codes_from_layout(pw).double()
+    if lay.family == "int" and pw.qtensor.options.get("symmetric", True):
+        q = (q.long() ^ (1 << (lay.bits - 1))).double()  # the stored (biased) code
+    cols = torch.arange(k, device=q.device)
+    g = torch.zeros_like(cols) if lay.group == 0 else cols // lay.group
+    if lay.family == "mx":
+        e = pw.scales[:, :n].t()[:, g].double()
+        from ..formats.elements import decode
+
+        v = decode(unpack_codes_from_layout(pw), "fp4_e2m1").double()
+        return (v * torch.exp2(e - 127)).to(pw.dtype)
+    s = pw.scales[:, :n].t()[:, g].double()
+    b = pw.biases[:, :n].t()[:, g].double()
+    w = q * s + b  # exact in float64
     if lay.bits == 8:
-        return c[:, : pw.k] ^ bias
-    c = c.reshape(pw.n, lay.n_sub, 1, lay.ks // 2).to(torch.int32)
-    p = torch.cat([c & 15, c >> 4], dim=2).reshape(pw.n, lay.kpad)
-    return (p[:, : pw.k] ^ bias).to(torch.uint8)
+        w = w.float()  # one rounding (fma in float32), then to the dtype
+    return w.to(torch.float32).to(pw.dtype)

@@ -18,7 +18,7 @@ Backends (``backend=``):
   format is supported and x is bf16/fp16; the reference otherwise. The choice
   and its reason are logged at debug level (logger ``lowbit.kernels``).
 
-The kernel config (tile sizes, split-K, warps, stages) comes from
+The kernel config (orientation, tile sizes, split-K, warps, stages) comes from
 ``default_config(m, n, k, pw)``, a fixed function of the shape (no autotuning at
 call time), unless ``config=`` gives one. The Triton path is CUDA-graph safe:
 no host synchronisation, the output and the split-K workspace come from the
@@ -47,32 +47,36 @@ TRITON_X_DTYPES = (torch.bfloat16, torch.float16)
 class WeightOnlyConfig:
     """Launch config of the Triton weight-only kernel.
 
-    block_k is a multiple of the weight's K sub-block (``pw.layout.ks``: its
-    scale group, 128 for per-channel scales, 32 for MXFP4). swap_ab computes
-    y^T = W x^T (the weight is the MMA's left operand; for small M). split_k > 1
-    splits K over that many programs per output tile (float32 partials summed
-    by a second kernel).
+    mode: "swap" computes y^T = W x^T (the weight is the MMA's wide side; for
+    small M), "gemm" the tiled y = x W^T (larger M), "gemv" sums products on
+    the CUDA cores without the MMA (M of 1 to a few). K is walked in tiles of
+    128. split_k > 1 splits K over that many programs per output tile (float32
+    partials summed by a second kernel).
     """
 
     block_m: int
     block_n: int
-    block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    swap_ab: bool = False
+    mode: str = "gemm"
     group_m: int = 8
+    stack: bool = True  # one dot per 128-element K tile (False: one per chunk of R)
 
     def check(self, pw: PackedWeight) -> "WeightOnlyConfig":
-        lay = pw.layout
+        if self.mode not in ("gemm", "swap", "gemv"):
+            raise ValueError(f"mode={self.mode!r}: must be 'gemm', 'swap' or 'gemv'")
+        low = 1 if self.mode == "gemv" else 16
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"{name}={v}: must be a power of two >= 16")
+            if v < low or v & (v - 1):
+                raise ValueError(f"{name}={v}: must be a power of two >= {low} for mode {self.mode!r}")
+        if self.mode == "gemv" and self.block_m != 1:
+            raise ValueError(f"block_m={self.block_m}: mode 'gemv' takes one token per program (block_m=1)")
+        if self.mode == "swap" and self.block_n < 64:
+            raise ValueError(f"block_n={self.block_n}: mode 'swap' needs block_n >= 64 (the MMA's 64 rows)")
         if self.block_n > 256:
             raise ValueError(f"block_n={self.block_n}: at most 256 (the packed N padding)")
-        if self.block_k < lay.ks or self.block_k % lay.ks:
-            raise ValueError(f"block_k={self.block_k}: must be a multiple of the weight's K sub-block {lay.ks}")
         if self.split_k < 1 or self.group_m < 1 or self.num_stages < 1:
             raise ValueError(f"split_k, group_m and num_stages must be >= 1, got {self}")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -95,16 +99,11 @@ def _pow2_at_least(v: int, lo: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, pw: PackedWeight, num_sms: int = 132) -> WeightOnlyConfig:
-    """The config for an [m, k] x [n, k]^T product: a fixed function of the shape
-    (first-step values for the H200, compiled and checked for registers and
-    shared memory, not tuned by timing yet).
+    """The config for an [m, k] x [n, k]^T product: a fixed function of the shape.
 
     - M <= 64: the swapped orientation (y^T = W x^T): BLOCK_N 128 weight rows,
-      BLOCK_M = M rounded up to 16, 32 or 64 tokens, a K tile of 16 KB of
-      codes per stage (256 elements for 4-bit, 128 for 8-bit); 4 warps (8 for
-      64 tokens), 4 stages (3 from 32 tokens).
-    - M > 64: the tiled GEMM, 64x128 (M <= 128, 4 warps) or 128x128 (8 warps),
-      K tile 64 elements or the weight's sub-block if larger, 3 stages.
+      BLOCK_M = M rounded up to 16, 32 or 64 tokens; 4 warps, 4 stages.
+    - M > 64: the tiled GEMM, 64x128 (M <= 128, 4 warps) or 128x128 (8 warps), 3 stages.
     - Split-K when the output tiles give fewer than two programs per SM: up to
       that many splits, at least two K tiles per split, and a float32 workspace
       of at most a quarter of the weight's bytes.
@@ -116,30 +115,22 @@ def default_config(m: int, n: int, k: int, pw: PackedWeight, num_sms: int = 132)
 
 @functools.lru_cache(maxsize=4096)
 def _default_config(m: int, n: int, k: int, lay, num_sms: int) -> WeightOnlyConfig:
-    ks = lay.ks
     if m <= 64:
-        swap = True
-        block_m = _pow2_at_least(m, 16)
-        block_n = 128
-        target_k = 256 if lay.bits == 4 else 128
-        num_warps = 8 if block_m >= 64 else 4
-        num_stages = 4 if block_m <= 16 else 3
+        mode, block_m, block_n = "swap", _pow2_at_least(m, 16), 128
+        num_warps, num_stages = 4, 4
     else:
-        swap = False
+        mode = "gemm"
         block_m = 64 if m <= 128 else 128
         block_n = 128
-        target_k = 64
         num_warps = 4 if block_m == 64 else 8
         num_stages = 3
-    block_k = max(ks, target_k // ks * ks)
     tiles = -(-m // block_m) * -(-n // block_n)
-    k_tiles = -(-lay.kpad // block_k)
     split = 1
     if tiles < 2 * num_sms:
         by_sms = -(-2 * num_sms // tiles)
         by_workspace = (k * lay.bits) // (128 * m)  # split * m * n * 4 bytes <= n * k * bits / 32
-        split = max(1, min(by_sms, k_tiles // 2, by_workspace, 16))
-    return WeightOnlyConfig(block_m, block_n, block_k, split, num_warps, num_stages, swap)
+        split = max(1, min(by_sms, lay.n_tiles // 2, by_workspace, 16))
+    return WeightOnlyConfig(block_m, block_n, split, num_warps, num_stages, mode)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,6 +161,9 @@ def triton_unsupported(x: torch.Tensor, pw: PackedWeight) -> str | None:
         return f"the weight is on {pw.device} and x on {x.device}: pack the weight on x's device"
     if x.dtype not in TRITON_X_DTYPES:
         return f"x is {x.dtype}: the Triton kernels take bfloat16 or float16 activations"
+    if x.dtype != pw.dtype:
+        return (f"the weight was packed for {pw.dtype} activations and x is {x.dtype}: "
+                f"pack it with pack_weight(qtensor, dtype={x.dtype})")
     return None
 
 
