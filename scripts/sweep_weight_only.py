@@ -28,7 +28,7 @@ from lowbit import quantize_tensor
 from lowbit.bench.timing import time_cuda_graph
 from lowbit.kernels import pack_weight, weight_only_matmul
 from lowbit.kernels.packing import kernel_weight
-from lowbit.kernels.weight_only import WeightOnlyConfig, default_config
+from lowbit.kernels import WeightOnlyConfig, default_config
 
 FORMATS = {
     "int4-g128": ("int4", {"group_size": 128}),
@@ -47,24 +47,16 @@ CHECK_FORMATS = {
 
 def configs(m: int):
     if m == 1:
-        for bn, split, stages in itertools.product((64, 128, 256), (1, 2, 4), (2, 3)):
-            yield WeightOnlyConfig(1, bn, split, bn // 32, stages, "gemv")
+        for (bn, warps), split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (2, 4, 8)):
+            yield WeightOnlyConfig(1, bn, split, warps, 3, "gemv")
     if m <= 16:
-        for bn, warps, stages, split in itertools.product((128, 256), (4, 8), (3, 4), (1, 2, 4)):
-            if bn == 256 and warps == 4:
-                continue
-            yield WeightOnlyConfig(16, bn, split, warps, stages, "swap")
-        for split in (1, 2, 4):
-            yield WeightOnlyConfig(16, 64, split, 4, 3, "swap", stack=False)
-    if m == 128:
-        for bm, bn, warps, stages, stack in itertools.product((64, 128), (128, 256), (4, 8), (3,), (True, False)):
-            yield WeightOnlyConfig(bm, bn, 1, warps, stages, "gemm", stack=stack)
-        yield WeightOnlyConfig(128, 128, 1, 4, 3, "swap")
-    if m >= 1024:
-        for bm, bn, warps, stack in itertools.product((128, 256), (128, 256), (4, 8), (True, False)):
-            if bm * bn >= 256 * 256 and warps == 4:
-                continue
+        for bn, split in itertools.product((128, 256), (1, 2, 4)):
+            yield WeightOnlyConfig(16, bn, split, 8, 3, "swap")
+    if 16 < m <= 512:
+        for bm, bn, warps, stack in itertools.product((64, 128), (128, 256), (4, 8), (False,)):
             yield WeightOnlyConfig(bm, bn, 1, warps, 3, "gemm", stack=stack)
+    if m >= 1024:
+        yield WeightOnlyConfig(128, 256, 1, 8, 3, "gemm", stack=False)
 
 
 def check(out) -> bool:
@@ -154,12 +146,12 @@ def main() -> int:
     from lowbit.kernels import _weight_only_triton as wt
 
     results, isa = [], []
-    cases = [((28672, 4096), 1), ((8192, 28672), 1), ((28672, 4096), 16), ((8192, 28672), 16),
-             ((28672, 4096), 128), ((28672, 4096), 1024), ((4096, 4096), 1)]
+    cases = [((28672, 4096), 1), ((8192, 28672), 1), ((4096, 4096), 1), ((1536, 576), 1), ((28672, 4096), 16),
+             ((8192, 28672), 16), ((28672, 4096), 256), ((28672, 4096), 512)]
     summary = []
     top_int4 = {}
     for ((n, k), m), name in itertools.product(cases, FORMATS):
-        if name == "int8" and m > 1:
+        if name != "int4-g128" and (m > 16 or n * k < 2**24):
             continue
         if time.time() - t_start > args.budget_s:
             print("time budget spent; stopping")
@@ -190,7 +182,7 @@ def main() -> int:
                 rows.append({"config": repr(cfg), "error": f"{type(e).__name__}: {str(e)[:120]}"})
                 continue
             rows.append({"config": repr(cfg), "us": us, "speedup": bf16_us / us, "cfg": cfg})
-        if m >= 128:
+        if m >= 256:
             from lowbit.kernels._weight_only_triton import dequantize_t
 
             dq_us = time_cuda_graph(lambda: torch.matmul(x, dequantize_t(pws[next(it)], torch.bfloat16)), rep_ms=5.0)

@@ -1,15 +1,19 @@
 """weight_only_matmul: the Triton kernels (run by Triton's CPU interpreter) against
-the pure-torch reference, on small odd shapes, for every supported format.
+independent references, on small odd shapes, for every supported format.
 
-Tolerance (both backends use the same bf16/fp16 weight values; they differ only
-in the float32 summation order and the final rounding), per output element:
+Two checks per call:
 
-    |y - y_ref| <= EPS[dtype] * |y_ref| + 1e-4 * S,   S = (|x| @ |W|^T) (+ |bias|)
+- tight, against the exact product (float64) of x with ``kernel_weight(pw)``,
+  the weight values the kernels document (scales and biases rounded to the
+  activation dtype for 4-bit ints), per output element
+  |y - y_exact| <= EPS[dtype] * |y_exact| + 1e-5 * S,  S = |x| @ |W|^T (+ |bias|),
+  EPS two units in the last place (the output is rounded once, the bias may
+  add a second rounding);
+- loose, against ``weight_only_matmul_reference`` (the canonical float32
+  dequantization): max|y - y_ref| <= REF_TOL[dtype] * max(S).
 
-with EPS = 2^-7 for bfloat16 and 2^-10 for float16 (two units in the last
-place, since the reference may round twice when it adds the bias). The
-failure message gives the worst element's coordinates and the normalised max
-error max|y - y_ref| / max(S) (about 1e-3 or less when the kernels are right).
+The failure message gives the worst element's coordinates and the normalised
+max error max|y - y_exact| / max(S).
 """
 
 import os
@@ -32,19 +36,25 @@ from lowbit.kernels import (  # noqa: E402
     weight_only_matmul,
     weight_only_matmul_reference,
 )
-from lowbit.kernels.packing import unpack_codes_from_layout  # noqa: E402
+from lowbit.kernels import dispatch  # noqa: E402
+from lowbit.kernels._weight_only_triton import dequantize_t  # noqa: E402
+from lowbit.kernels.ops import weight_only_linear  # noqa: E402
+from lowbit.kernels.packing import kernel_weight, unpack_codes_from_layout  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
+def _interpreter(monkeypatch, tmp_path):
     # the kernels read TRITON_INTERPRET when they launch: keep it on for this
-    # module even if another module (tests/gpu) turned it off
+    # module even if another module (tests/gpu) turned it off; no user tuning cache
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    dispatch.forget_loaded_caches()
 
 
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+REF_TOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
 
 # (fmt, options) the Triton backend supports
 COMBOS = [
@@ -54,7 +64,7 @@ COMBOS = [
     for g in (32, 64, 128, None)
 ] + [
     ("mxfp4", {}),
-    ("int4", dict(group_size=256)),  # a group of two 128-element sub-blocks
+    ("int4", dict(group_size=256)),  # a group of two 128-element tiles
     ("int4", dict(zero_point="integer", group_size=64)),
     ("int4", dict(group_size=128, scale_dtype=torch.bfloat16)),
     ("int8", dict(granularity="block", block_shape=(16, 128))),  # one scale per 16 rows
@@ -67,30 +77,37 @@ def _id(c):
     return fmt + "".join(f"-{k}={getattr(v, '__name__', str(v).replace('torch.', ''))}" for k, v in opts.items())
 
 
-def check_close(y, y_ref, x, w, bias, tag):
-    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype, f"{tag}: {y.shape} {y.dtype} vs {y_ref.shape} {y_ref.dtype}"
+def check_close(y, x, pw, bias, tag):
+    """y against the exact product with the kernels' weight values (tight) and
+    against the reference (loose); see the module docstring."""
+    y_ref = weight_only_matmul_reference(x, pw, bias)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype, f"{tag}: {y.shape} {y.dtype} vs {y_ref.shape}"
     if y.numel() == 0:
         return
     k = x.shape[-1]
-    s = x.reshape(-1, k).double().abs() @ w.to(x.dtype).double().abs().t()
+    kw = kernel_weight(pw).double()
+    x2 = x.reshape(-1, k).double()
+    exact = x2 @ kw.t()
+    s = x2.abs() @ kw.abs().t()
     if bias is not None:
+        exact = exact + bias.to(x.dtype).double()
         s = s + bias.to(x.dtype).double().abs()
-    s = s.reshape(y.shape)
-    yd, yr = y.double(), y_ref.double()
-    both_nan = torch.isnan(yd) & torch.isnan(yr)
-    err = torch.where(both_nan, torch.zeros_like(yd), (yd - yr).abs())
-    err = torch.nan_to_num(err, nan=float("inf"))
-    bound = EPS[y.dtype] * yr.abs().nan_to_num(0) + 1e-4 * s.nan_to_num(0)
+    exact, s = exact.reshape(y.shape), s.reshape(y.shape)
+    yd = y.double()
+    err = (yd - exact).abs().nan_to_num(float("inf"))
+    bound = EPS[y.dtype] * exact.abs() + 1e-5 * s
     excess = err - bound
     worst = int(torch.argmax(excess))
+    nmax = float(err.max() / s.max())
     if excess.reshape(-1)[worst] > 0:
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), y.shape))
-        nmax = float(err.max() / s.max())
         raise AssertionError(
-            f"{tag}: y{list(idx)} = {float(yd[idx]):.6g}, reference {float(yr[idx]):.6g}, "
+            f"{tag}: y{list(idx)} = {float(yd[idx]):.6g}, exact {float(exact[idx]):.6g}, "
             f"|diff| {float(err[idx]):.3g} > bound {float(bound[idx]):.3g}; "
             f"{int((excess > 0).sum())} of {y.numel()} elements over; normalised max error {nmax:.3g}"
         )
+    ref_err = float((yd - y_ref.double()).abs().max() / s.max())
+    assert ref_err <= REF_TOL[y.dtype], f"{tag}: normalised error vs the reference {ref_err:.3g} > {REF_TOL[y.dtype]}"
 
 
 def _data(m, n, k, dtype, bias, seed, lead=None):
@@ -102,20 +119,19 @@ def _data(m, n, k, dtype, bias, seed, lead=None):
     return w, x, b
 
 
-def run_case(fmt, opts, m, n, k, dtype, bias, seed, lead=None, config=None):
+def run_case(fmt, opts, m, n, k, dtype, bias, seed, lead=None, config=None, backend="triton"):
     w, x, b = _data(m, n, k, dtype, bias, seed, lead)
     qt = quantize_tensor(w, fmt, **opts)
-    pw = pack_weight(qt)
-    y = weight_only_matmul(x, pw, b, backend="triton", config=config)
-    y_ref = weight_only_matmul_reference(x, pw, b)
-    tag = f"{fmt} {opts} x{list(x.shape)} W[{n}, {k}] {dtype} bias={bias} config={config}"
-    check_close(y, y_ref, x, qt.dequantize(), b, tag)
+    pw = pack_weight(qt, dtype=dtype)
+    y = weight_only_matmul(x, pw, b, backend=backend, config=config)
+    check_close(y, x, pw, b, f"{fmt} {opts} x{list(x.shape)} W[{n}, {k}] {dtype} bias={bias} {backend} {config}")
     return pw
 
 
 # Each combination runs three cases drawn in rotation from these lists, so that
-# together they cover every M, K, N, dtype, bias and input rank.
-MS = (1, 3, 17, 64)
+# together they cover every M, K, N, dtype, bias and input rank; the default
+# configs give the GEMV (M=1), swapped (M=3, 17, 64) and tiled (M=80) kernels.
+MS = (1, 3, 17, 64, 80)
 KS = (64, 96, 200, 576)
 NS = (37, 67)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -126,7 +142,7 @@ def test_triton_matches_reference(combo):
     fmt, opts = combo
     i = COMBOS.index(combo)
     for j in range(3):
-        m = MS[(i + j) % 4]
+        m = MS[(i + j) % 5]
         k = KS[(i + 2 * j + j // 2) % 4]
         n = NS[(i + j) % 2]
         dtype = DTYPES[(i // 2 + j) % 2]
@@ -135,15 +151,16 @@ def test_triton_matches_reference(combo):
         run_case(fmt, opts, m, n, k, dtype, bias, seed=100 * i + j, lead=lead)
 
 
-# Explicit configs: both orientations, split-K with a short last split, a K tile
-# of several sub-blocks whose count does not divide K's (masked sub-blocks),
-# larger M tiles than M, several row and column tiles.
+# Explicit configs: every mode, stacked and per-chunk dots, split-K with a short
+# last split, several row and column tiles.
 CONFIGS = [
-    WeightOnlyConfig(16, 32, 64, split_k=1, swap_ab=True),
-    WeightOnlyConfig(32, 64, 96, split_k=3, swap_ab=True),
-    WeightOnlyConfig(16, 16, 128, split_k=2, swap_ab=False),
-    WeightOnlyConfig(32, 32, 96, split_k=1, swap_ab=False, group_m=2),
-    WeightOnlyConfig(64, 64, 192, split_k=2, swap_ab=False),
+    WeightOnlyConfig(1, 32, split_k=1, mode="gemv", num_warps=1),
+    WeightOnlyConfig(1, 64, split_k=3, mode="gemv", num_warps=4),
+    WeightOnlyConfig(16, 64, split_k=1, mode="swap"),
+    WeightOnlyConfig(32, 64, split_k=2, mode="swap", stack=False),
+    WeightOnlyConfig(16, 16, split_k=2, mode="gemm"),
+    WeightOnlyConfig(32, 32, split_k=1, mode="gemm", group_m=2, stack=False),
+    WeightOnlyConfig(64, 64, split_k=2, mode="gemm"),
 ]
 
 
@@ -154,26 +171,29 @@ CONFIGS = [
 )
 @pytest.mark.parametrize("config", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
 def test_triton_configs(fmt, opts, config):
-    ks = 64 if fmt == "int8" else 32
-    config = WeightOnlyConfig(**{**config.__dict__, "block_k": -(-config.block_k // ks) * ks})
-    run_case(fmt, opts, m=37, n=67, k=232, dtype=torch.bfloat16, bias=True, seed=7, config=config)
+    m = 1 if config.mode == "gemv" else 37
+    run_case(fmt, opts, m=m, n=67, k=360, dtype=torch.bfloat16, bias=True, seed=7, config=config)
 
 
-def test_large_m_default_config():
-    """M > 64: the default config takes the tiled (unswapped) kernel."""
-    cfg = default_config(80, 37, 200, pack_weight(quantize_tensor(torch.randn(37, 200), "int4")), num_sms=4)
-    assert not cfg.swap_ab
-    run_case("int4", {}, m=80, n=37, k=200, dtype=torch.float16, bias=True, seed=3)
+@pytest.mark.parametrize("fmt,opts", [("int4", dict(group_size=64)), ("int8", {}), ("mxfp4", {})],
+                         ids=["int4-g64", "int8", "mxfp4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_dequant_backend(fmt, opts, dtype):
+    """backend='dequant': the dequantization kernel's W^T is kernel_weight bit for
+    bit, and the product goes through torch.matmul."""
+    pw = run_case(fmt, opts, m=5, n=67, k=200, dtype=dtype, bias=True, seed=9, backend="dequant")
+    assert torch.equal(dequantize_t(pw, dtype).t(), kernel_weight(pw))
 
 
 def test_m_zero_and_empty_leading_dims():
     w = torch.randn(37, 96)
     pw = pack_weight(quantize_tensor(w, "int4", group_size=32))
-    for shape in ((0, 96), (2, 0, 96)):
-        x = torch.randn(shape).bfloat16()
-        y = weight_only_matmul(x, pw, backend="triton")
-        assert y.shape == (*shape[:-1], 37) and y.dtype == torch.bfloat16
-        assert weight_only_matmul_reference(x, pw).shape == y.shape
+    for backend in ("triton", "dequant"):
+        for shape in ((0, 96), (2, 0, 96)):
+            x = torch.randn(shape).bfloat16()
+            y = weight_only_matmul(x, pw, backend=backend)
+            assert y.shape == (*shape[:-1], 37) and y.dtype == torch.bfloat16
+            assert weight_only_matmul_reference(x, pw).shape == y.shape
 
 
 def test_strided_input():
@@ -183,64 +203,133 @@ def test_strided_input():
     wide = torch.randn(5, 160).bfloat16()
     for x in (wide[:, 16:112], torch.randn(96, 5).bfloat16().t()):
         y = weight_only_matmul(x, pw, b, backend="triton")
-        check_close(y, weight_only_matmul_reference(x, pw, b), x, pw.qtensor.dequantize(), b, f"stride {x.stride()}")
+        check_close(y, x, pw, b, f"stride {x.stride()}")
 
 
-def test_mxfp4_nan_block():
-    """A block with NaN gets the NaN scale (E8M0 255): its output column is NaN in both backends."""
+def test_mxfp4_nan_block_is_reference_only():
+    """A block with NaN gets the NaN scale (E8M0 255), which the kernels cannot
+    apply: the weight is reference-only, and the reference propagates the NaN."""
     w, x, _ = _data(3, 37, 96, torch.bfloat16, False, seed=5)
     w[4, 40] = float("nan")
     pw = pack_weight(quantize_tensor(w, "mxfp4"))
-    y = weight_only_matmul(x, pw, backend="triton")
-    y_ref = weight_only_matmul_reference(x, pw)
-    assert torch.isnan(y[:, 4]).all() and torch.isnan(y_ref[:, 4]).all()
-    check_close(y, y_ref, x, pw.qtensor.dequantize().nan_to_num(0), None, "mxfp4 NaN block")
+    assert not pw.triton_supported and "exponents outside" in pw.unsupported
+    with pytest.raises(ValueError, match="exponents outside"):
+        weight_only_matmul(x, pw, backend="triton")
+    y = weight_only_matmul(x, pw)
+    assert torch.isnan(y[:, 4]).all() and not torch.isnan(y[:, :4]).any()
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=[_id(c) for c in COMBOS])
 def test_packing_is_lossless(combo):
-    """The Triton layout holds exactly the canonical codes and scales (bitwise)."""
+    """The Triton layout holds exactly the canonical codes, and the scales and
+    biases are the canonical ones rounded once (int), or the E8M0 bytes (mxfp4)."""
     fmt, opts = combo
     n, k = 67, 200
     qt = quantize_tensor(torch.randn(n, k), fmt, **opts)
-    pw = pack_weight(qt)
-    lay = pw.layout
-    assert lay is not None and pw.unsupported is None
-    assert torch.equal(unpack_codes_from_layout(pw), qt.unpacked_codes())
-    assert pw.codes.shape[1] == lay.npad and lay.npad % 256 == 0 and lay.kpad % lay.ks == 0
-    tr = qt.tile[0]
-    rows = torch.arange(n) // tr
-    want_s = qt.scales[rows] if fmt != "mxfp4" else qt.scales.view(torch.uint8)
-    assert pw.scales.dtype == want_s.dtype
-    assert torch.equal(pw.scales[:, :n].t(), want_s)
-    assert torch.count_nonzero(pw.scales[:, n:]) == 0
-    if lay.has_zeros:
-        assert torch.equal(pw.zeros[:, :n].t(), qt.zeros[rows])
-    else:
-        assert pw.zeros is None
+    for dtype in DTYPES:
+        pw = pack_weight(qt, dtype=dtype)
+        lay = pw.layout
+        assert lay is not None and pw.unsupported is None and pw.dtype == dtype
+        assert torch.equal(unpack_codes_from_layout(pw), qt.unpacked_codes())
+        assert pw.codes.dtype == torch.int32 and pw.codes.shape == (lay.kpad * lay.bits // 32, lay.npad)
+        assert lay.npad % 256 == 0 and lay.kpad % 128 == 0
+        rows = torch.arange(n) // qt.tile[0]
+        if fmt == "mxfp4":
+            assert torch.equal(pw.scales[: -(-k // 32), :n].t(), qt.scales.view(torch.uint8)[rows])
+            continue
+        s = qt.scales[rows].float()
+        if qt.options["symmetric"]:
+            b = -float(1 << (lay.bits - 1)) * s
+        else:
+            b = -qt.zeros[rows].float() * s
+        kdt = dtype if lay.bits == 4 else torch.float32
+        groups = s.shape[1]
+        assert pw.scales.dtype == kdt
+        assert torch.equal(pw.scales[:groups, :n].t(), s.to(kdt))
+        assert torch.equal(pw.biases[:groups, :n].t(), b.to(kdt))
+        assert torch.count_nonzero(pw.scales[:, n:]) == 0
 
 
-# ---- backend choice and errors
+def test_kernel_weight_is_close_to_the_reference_weight():
+    """The documented deviation of the kernels' 4-bit values from the float32
+    dequantization: within one unit in the last place of the dtype of |w| plus
+    of |bias| (the rounded scale and bias), i.e. a small part of a quantization step."""
+    qt = quantize_tensor(torch.randn(64, 256) * 0.05, "int4", group_size=64)
+    w = qt.dequantize().double()
+    for dtype, ulp in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)):
+        pw = pack_weight(qt, dtype=dtype)
+        step = qt.scales.double().repeat_interleave(64, dim=1)
+        bias = (qt.zeros.double() * qt.scales.double()).repeat_interleave(64, dim=1)
+        err = (kernel_weight(pw).double() - w).abs()
+        assert bool((err <= ulp * (2 * w.abs() + bias.abs() + 16 * step)).all())
+        assert float(err.max() / step.max()) < 0.1
+
+
+# ---- backend choice, dispatch, custom op, errors
 
 
 def test_auto_on_cpu_is_reference(caplog):
     w, x, b = _data(3, 37, 64, torch.bfloat16, True, seed=1)
     pw = pack_weight(quantize_tensor(w, "int4", group_size=32))
+    dispatch.forget_loaded_caches()
     with caplog.at_level(logging.DEBUG, logger="lowbit.kernels"):
         y = weight_only_matmul(x, pw, b)
     assert torch.equal(y, weight_only_matmul_reference(x, pw, b))
-    assert "backend=reference" in caplog.text and "cpu" in caplog.text
+    assert "reference" in caplog.text and "cpu" in caplog.text
 
 
-def test_reference_every_format_and_float32():
-    """The reference runs every format, float32 activations included."""
-    x = torch.randn(3, 64)
-    for fmt in ("int2", "int3", "fp8_e4m3", "mxfp6_e2m3", "mxfp8_e4m3", "nvfp4", "int4"):
-        qt = quantize_tensor(torch.randn(5, 64), fmt)
-        pw = pack_weight(qt)
-        y = weight_only_matmul(x, pw, backend="reference")
-        torch.testing.assert_close(y, x @ qt.dequantize().t(), rtol=0, atol=1e-5)
-        assert weight_only_matmul(x.bfloat16(), pw, backend="auto").dtype == torch.bfloat16
+def test_default_plan_by_m():
+    pw = pack_weight(quantize_tensor(torch.randn(256, 4096), "int4"))
+    modes = {m: default_config(m, 28672, 4096, pw).mode for m in (1, 2, 16, 64, 65, 1024)}
+    assert modes == {1: "gemv", 2: "swap", 16: "swap", 64: "swap", 65: "gemm", 1024: "gemm"}
+    cfg = default_config(16, 8192, 28672, pw)
+    assert cfg.block_m == 16 and cfg.split_k > 1  # 64 column tiles: split K to fill 132 SMs
+    cpu = torch.device("cpu")
+    for m, kernel in ((1, "triton"), (300, "triton")):
+        assert dispatch.plan(m, 28672, 4096, pw, cpu, torch.bfloat16).kernel == kernel
+    assert dispatch.plan(3, 28672, 4096, pw, cpu, torch.bfloat16, "no GPU").kernel == "reference"
+    assert [dispatch.m_bucket(m) for m in (1, 2, 3, 17, 8192, 10000)] == [1, 2, 4, 32, 8192, 8192]
+
+
+def test_tuning_cache_round_trip(tmp_path, monkeypatch, caplog):
+    """A tuned entry overrides the default for its (format, dtype, shape, M bucket);
+    a cache written for another GPU or version is ignored with a warning."""
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    dispatch.forget_loaded_caches()
+    w, x, b = _data(5, 67, 200, torch.bfloat16, True, seed=3)
+    pw = pack_weight(quantize_tensor(w, "int4", group_size=64))
+    cpu = torch.device("cpu")
+    cache = dispatch.load_cache(cpu)
+    tuned = WeightOnlyConfig(16, 32, split_k=2, mode="gemm", stack=False)
+    cache.put(dispatch.cache_key(pw, 67, 200, 5, torch.bfloat16), "triton", tuned, 1.5, 3.0)
+    path = cache.save()
+    assert path == dispatch.cache_path(cpu) and path.exists()
+    dispatch.forget_loaded_caches()
+    p = dispatch.plan(5, 67, 200, pw, cpu, torch.bfloat16)
+    assert p.config == tuned and p.source.startswith("tuned")
+    assert dispatch.plan(5, 67, 200, pw, cpu, torch.float16).source == "default"  # other dtype
+    assert dispatch.plan(9, 67, 200, pw, cpu, torch.bfloat16).source == "default"  # other M bucket
+    check_close(weight_only_matmul(x, pw, b, backend="triton", config=p.config), x, pw, b, "tuned config")
+    data = path.read_text().replace('"cpu-interpreter"', '"another GPU"')
+    path.write_text(data)
+    dispatch.forget_loaded_caches()
+    with caplog.at_level(logging.WARNING, logger="lowbit.kernels"):
+        assert dispatch.plan(5, 67, 200, pw, cpu, torch.bfloat16).source == "default"
+    assert "another GPU" in caplog.text
+    path.write_text("{not json")
+    dispatch.forget_loaded_caches()
+    assert dispatch.plan(5, 67, 200, pw, cpu, torch.bfloat16).source == "default"
+
+
+def test_custom_op_and_torch_compile():
+    w, x, b = _data(3, 67, 200, torch.bfloat16, True, seed=4)
+    pw = pack_weight(quantize_tensor(w, "int4", group_size=64))
+    y = weight_only_matmul(x, pw, b, backend="triton")
+    assert torch.equal(weight_only_linear(x, pw, b), y)
+    compiled = torch.compile(lambda t: weight_only_linear(t, pw, b), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), y)
+    with pytest.raises(ValueError, match="no Triton layout"):
+        weight_only_linear(x, pack_weight(quantize_tensor(w, "nvfp4")), b)
 
 
 @pytest.mark.parametrize(
@@ -255,24 +344,33 @@ def test_reference_every_format_and_float32():
 def test_triton_refuses_unsupported_formats(fmt, opts, needle):
     pw = pack_weight(quantize_tensor(torch.randn(5, 96), fmt, **opts))
     assert not pw.triton_supported and needle in pw.unsupported
-    with pytest.raises(ValueError, match=needle):
-        weight_only_matmul(torch.randn(2, 96).bfloat16(), pw, backend="triton")
+    for backend in ("triton", "dequant"):
+        with pytest.raises(ValueError, match=needle):
+            weight_only_matmul(torch.randn(2, 96).bfloat16(), pw, backend=backend)
 
 
 def test_triton_refuses_bad_calls(monkeypatch):
     pw = pack_weight(quantize_tensor(torch.randn(5, 64), "int4", group_size=32))
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         weight_only_matmul(torch.randn(2, 64), pw, backend="triton")
+    with pytest.raises(ValueError, match="packed for torch.bfloat16 activations and x is torch.float16"):
+        weight_only_matmul(torch.randn(2, 64).half(), pw, backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
         weight_only_matmul(torch.randn(2, 64), pw, backend="cuda")
     with pytest.raises(ValueError, match="K=64"):
         weight_only_matmul(torch.randn(2, 65).bfloat16(), pw)
     with pytest.raises(ValueError, match="bias"):
         weight_only_matmul(torch.randn(2, 64).bfloat16(), pw, torch.randn(6).bfloat16())
-    with pytest.raises(ValueError, match="multiple of the weight's K sub-block 32"):
-        weight_only_matmul(torch.randn(2, 64).bfloat16(), pw, backend="triton", config=WeightOnlyConfig(16, 32, 48))
+    with pytest.raises(ValueError, match="mode 'gemv' takes one token"):
+        weight_only_matmul(torch.randn(2, 64).bfloat16(), pw, backend="triton", config=WeightOnlyConfig(16, 32, mode="gemv"))
+    with pytest.raises(ValueError, match="block_n >= 64"):
+        weight_only_matmul(torch.randn(2, 64).bfloat16(), pw, backend="triton", config=WeightOnlyConfig(16, 32, mode="swap"))
     with pytest.raises(ValueError, match="config= applies"):
-        weight_only_matmul(torch.randn(2, 64), pw, backend="reference", config=WeightOnlyConfig(16, 32, 64))
+        weight_only_matmul(torch.randn(2, 64), pw, backend="reference", config=WeightOnlyConfig(16, 32))
+    with pytest.raises(ValueError, match="config= applies"):
+        weight_only_matmul(torch.randn(2, 64), pw, config=WeightOnlyConfig(16, 32))  # auto: the reference runs
+    with pytest.raises(ValueError, match="dtype=torch.float32"):
+        pack_weight(quantize_tensor(torch.randn(5, 64), "int4"), dtype=torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA tensors"):
         weight_only_matmul(torch.randn(2, 64).bfloat16(), pw, backend="triton")
@@ -290,12 +388,36 @@ def test_pack_weight_validates():
     assert "int8" in repr(pw)
 
 
-def test_default_config_fills_the_gpu():
-    """The first-step heuristic: small M splits K until ~2 programs per SM run."""
-    pw = pack_weight(quantize_tensor(torch.randn(256, 4096), "int4"))
-    for n, m in ((4096, 1), (28672, 1), (4096, 16), (28672, 16)):
-        cfg = default_config(m, n, 4096, pw)
-        assert cfg.swap_ab and cfg.block_m == 16
-        assert -(-n // cfg.block_n) * cfg.split_k >= 132, (n, m, cfg)
-    cfg = default_config(1024, 28672, 4096, pw)
-    assert not cfg.swap_ab and cfg.split_k == 1
+@pytest.mark.parametrize("fmt,opts", [("int4", dict(group_size=32)), ("int4", dict(group_size=64, symmetric=True)),
+                                      ("int4", dict(group_size=256)), ("int4", dict(granularity="channel")),
+                                      ("int8", {}), ("int8", dict(group_size=32, symmetric=False)),
+                                      ("int8", dict(group_size=64))],
+                         ids=["int4-g32", "int4-g64-sym", "int4-g256", "int4-channel", "int8", "int8-g32", "int8-g64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_float32_int_gemv(fmt, opts, dtype):
+    """The float32 integer GEMV (codes moved into the mantissa of 1.0, scale and bias
+    applied once per group) against the exact product with the unrounded values
+    q * scale + bias: a tighter match than the bf16 path's."""
+    w, x, b = _data(1, 67, 360, dtype, True, seed=21)
+    pw = pack_weight(quantize_tensor(w, fmt, **opts), dtype=dtype)
+    y = weight_only_matmul(x, pw, b, backend="triton", config=WeightOnlyConfig(1, 32, 2, 1, 3, "gemv", int_f32=True))
+    kw = kernel_weight(pw, rounded=False)
+    exact = x.double() @ kw.t() + b.double()
+    s = x.double().abs() @ kw.abs().t() + b.double().abs()
+    err = (y.double() - exact).abs()
+    assert bool((err <= EPS[dtype] * exact.abs() + 1e-6 * s).all()), float((err / s).max())
+
+
+def test_tune_candidates_are_valid_and_tune_needs_cuda():
+    pw = pack_weight(quantize_tensor(torch.randn(256, 512), "int4", group_size=128))
+    for m in (1, 3, 16, 64, 128, 1024):
+        cands = dispatch.candidate_configs(m, "int")
+        assert cands, m
+        for c in cands:
+            if c != "dequant":
+                c.check(pw)
+        assert ("dequant" in cands) == (m >= 128)
+    assert any(c.int_f32 for c in dispatch.candidate_configs(1, "int"))
+    assert not any(getattr(c, "int_f32", False) for c in dispatch.candidate_configs(1, "mx"))
+    with pytest.raises(ValueError, match="CUDA"):
+        dispatch.tune([(64, 64)], ["a16w4-int-g32"], [1], device="cpu")

@@ -241,6 +241,121 @@ def _acc_tile(acc, w, x_base, m_ok, k0, offs_k, K, MODE: tl.constexpr, DOT_TY: t
     return acc
 
 
+def _gemv_chunk(tacc, xs, word, x_base, m_ok, k0, offs_r, K, J: tl.constexpr, BITS: tl.constexpr,
+                EVEN_K: tl.constexpr, FIRST: tl.constexpr, F=None):
+    """GEMV, integer codes, float32: position J's codes as f = 1 + q / 2^BITS (the
+    code moved into the mantissa of 1.0: one shift and one LOP3; F: those values
+    already computed by the PTX), accumulated as x * f into tacc [R, BLOCK_N];
+    xs [R, 1] gathers the x values (for the 1.0 part)."""
+    if F is None:
+        MANT: tl.constexpr = 23 - BITS  # the code's lowest bit lands at mantissa bit MANT
+        SH: tl.constexpr = MANT - J * BITS
+        if SH >= 0:
+            c = word << SH
+        else:
+            c = word >> (-SH)
+        f = ((c & (((1 << BITS) - 1) << MANT)) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:
+        f = F
+    k = k0 + offs_r
+    if EVEN_K:
+        xt = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
+    else:
+        xt = tl.load(x_base + k0, mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
+    xc = tl.reshape(xt, (xt.shape[1], 1)).to(tl.float32)
+    if FIRST:
+        return xc * f, xc
+    return tacc + xc * f, xs + xc
+
+
+def _gemv_flush(acc, tacc, xs, s, b, BITS: tl.constexpr):
+    """acc += the group's contribution: sum x (q s + b) = 2^BITS s * sum x f + (b - 2^BITS s) * sum x."""
+    sf = s.to(tl.float32)[None, :]
+    bf = b.to(tl.float32)[None, :]
+    alpha = sf * (1 << BITS)
+    return acc + alpha * tacc + (bf - alpha) * xs
+
+
+def _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, offs_r, K,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """One K tile of the integer GEMV: per group, sum x * f in float32, then scale
+    and bias applied once per (row, column) of the accumulator."""
+    R: tl.constexpr = 4 * BITS
+    NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
+    z1 = tl.zeros((R, 1), dtype=tl.float32)  # placeholder for xs where a chunk starts a group
+    f0 = None
+    f1 = None
+    f2 = None
+    f3 = None
+    f4 = None
+    f5 = None
+    f6 = None
+    f7 = None
+    if ASM:
+        if BITS == 4:
+            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+                _F32_CODES4, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        else:
+            f0, f1, f2, f3 = tl.inline_asm_elementwise(
+                _F32_CODES8, "=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0, offs_r, K, 0, BITS, EVEN_K, True, f0)
+    if BITS == 4:
+        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + R, offs_r, K, 1, BITS, EVEN_K, False, f1)
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
+            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, True, f2)
+        else:
+            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, False, f2)
+        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 3 * R, offs_r, K, 3, BITS, EVEN_K, False, f3)
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
+        elif NG == 2:
+            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
+        if NG >= 2:
+            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 4 * R, offs_r, K, 4, BITS, EVEN_K, True, f4)
+        else:
+            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 4 * R, offs_r, K, 4, BITS, EVEN_K, False, f4)
+        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 5 * R, offs_r, K, 5, BITS, EVEN_K, False, f5)
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s2, b2, BITS)
+            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 6 * R, offs_r, K, 6, BITS, EVEN_K, True, f6)
+        else:
+            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 6 * R, offs_r, K, 6, BITS, EVEN_K, False, f6)
+        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 7 * R, offs_r, K, 7, BITS, EVEN_K, False, f7)
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s3, b3, BITS)
+        elif NG == 2:
+            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
+        else:
+            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
+    else:
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
+            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + R, offs_r, K, 1, BITS, EVEN_K, True, f1)
+        else:
+            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + R, offs_r, K, 1, BITS, EVEN_K, False, f1)
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
+        elif NG == 2:
+            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
+        if NG >= 2:
+            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, True, f2)
+        else:
+            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, False, f2)
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s2, b2, BITS)
+            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 3 * R, offs_r, K, 3, BITS, EVEN_K, True, f3)
+        else:
+            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 3 * R, offs_r, K, 3, BITS, EVEN_K, False, f3)
+        if NG == 4:
+            acc = _gemv_flush(acc, tacc, xs, s3, b3, BITS)
+        elif NG == 2:
+            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
+        else:
+            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
+    return acc
+
+
 def _load_group(s_ptr, b_ptr, row, NPAD, offs_n, FAMILY: tl.constexpr, ASM: tl.constexpr):
     """Scale and bias of one group row for the BLOCK_N columns: the dtype's values
     (int; float32 under the interpreter) / the int32 exponent twice (mx)."""
@@ -400,6 +515,7 @@ def _wo_kernel(
     RNE_BF16: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % 128 == 0: no mask along K on x
     CAT: tl.constexpr = False,  # stack a tile's chunks into one [128, BLOCK_N] operand: one dot per tile
+    INT_F32: tl.constexpr = False,  # GEMV of int codes in float32 with the scales applied per group
 ):
     R: tl.constexpr = 4 * BITS  # word rows per 128-element K tile (128 * BITS / 32)
     pid = tl.program_id(0)
@@ -440,14 +556,24 @@ def _wo_kernel(
 
     t_begin = pid_k * TPS
     t_end = tl.minimum(t_begin + TPS, NT)
+    # the next tile's words are loaded one iteration ahead (in registers), so that
+    # their memory latency overlaps this tile's dequantization and MMA
+    # (the last iteration reloads its own tile, an L2 hit, rather than mask the load)
+    word_next = tl.load(w_base + tl.minimum(t_begin, NT - 1) * (R * NPAD))
     for t in range(t_begin, t_end):
-        word = tl.load(w_base + t * (R * NPAD))  # [R, BLOCK_N]; the packing keeps codes < 2^31 elements
+        word = word_next  # [R, BLOCK_N]; the packing keeps codes < 2^31 elements
+        word_next = tl.load(w_base + tl.minimum(t + 1, t_end - 1) * (R * NPAD))
         s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM)
         k0 = t * 128
-        if BITS == 4:
+        if MODE == 2 and FAMILY == 0 and INT_F32:
+            acc = _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, offs_r, K,
+                                 BITS, GROUP, EVEN_K, ASM)
+        elif BITS == 4:
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY, GROUP,
                                                        ASM, FP16, DOT_TY, RNE_BF16, MODE == 2)
-        if BITS == 4 and CAT:
+        if MODE == 2 and FAMILY == 0 and INT_F32:
+            pass
+        elif BITS == 4 and CAT:
             acc = _acc_tile(acc, _stack8(w0, w1, w2, w3, w4, w5, w6, w7), x_base, m_ok, k0, offs_k, K, MODE, DOT_TY,
                             EVEN_K)
         elif BITS == 4:
@@ -459,7 +585,7 @@ def _wo_kernel(
             acc = _acc_chunk(acc, w5, x_base, m_ok, k0 + 5 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
             acc = _acc_chunk(acc, w6, x_base, m_ok, k0 + 6 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
             acc = _acc_chunk(acc, w7, x_base, m_ok, k0 + 7 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
-        else:
+        elif BITS == 8:
             w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16)
             if CAT:
                 acc = _acc_tile(acc, _stack4(w0, w1, w2, w3), x_base, m_ok, k0, offs_k, K, MODE, DOT_TY, EVEN_K)
@@ -530,6 +656,30 @@ def _dequant_kernel(
         tl.store(out + 3 * R * N, w3.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 3 * R < K))
 
 
+def _f32_codes_asm(bits: int) -> str:
+    """PTX: one word -> its codes as float32 1 + q / 2^bits (the code moved into the
+    mantissa of 1.0): one shift and one LOP3 per code, the magic number in a register."""
+    per_word, mant = 32 // bits, 23 - bits
+    mask = ((1 << bits) - 1) << mant
+    lines = ["{", ".reg .b32 t, mg;", "mov.b32 mg, 0x3F800000;"]
+    for j in range(per_word):
+        sh = mant - j * bits
+        src = f"${per_word}"
+        if sh > 0:
+            lines.append(f"shl.b32 t, {src}, {sh};")
+        elif sh < 0:
+            lines.append(f"shr.u32 t, {src}, {-sh};")
+        else:
+            lines.append(f"mov.b32 t, {src};")
+        lines.append(f"lop3.b32 ${j}, t, {mask:#010x}, mg, 0xEA;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_F32_CODES4 = tl.constexpr(_f32_codes_asm(4))
+_F32_CODES8 = tl.constexpr(_f32_codes_asm(8))
+
+
 _I4_ASM_BF16 = tl.constexpr(_I4_ASM["bf16"])
 _I4_ASM_BF16_F32 = tl.constexpr(_to_f32(_I4_ASM["bf16"], "bf16"))
 _I4_ASM_FP16_F32 = tl.constexpr(_to_f32(_I4_ASM["fp16"], "fp16"))
@@ -571,7 +721,8 @@ def interpret_mode() -> bool:
 
 
 _HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _round_to_bf16, _emulate, _acc_chunk, _load_group,
-                                    _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile)}
+                                    _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile,
+                                    _gemv_chunk, _gemv_flush, _gemv_int_tile)}
 
 
 def _kernels():
@@ -649,6 +800,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         RNE_BF16=rne,
         EVEN_K=k % 128 == 0,
         CAT=cfg.stack and cfg.mode != "gemv",
+        INT_F32=cfg.mode == "gemv" and cfg.int_f32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

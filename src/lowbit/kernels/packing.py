@@ -85,7 +85,7 @@ class PackedWeight:
     fmt: str
     n: int
     k: int
-    qtensor: QTensor
+    qtensor: QTensor | None  # None: kernel tensors only (the custom op rebuilds one from them)
     dtype: torch.dtype
     codes: torch.Tensor | None = None
     scales: torch.Tensor | None = None
@@ -95,7 +95,7 @@ class PackedWeight:
 
     @property
     def device(self) -> torch.device:
-        return self.qtensor.device
+        return self.codes.device if self.qtensor is None else self.qtensor.device
 
     @property
     def triton_supported(self) -> bool:
@@ -110,7 +110,7 @@ class PackedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,
-            qtensor=self.qtensor.to(device),
+            qtensor=None if self.qtensor is None else self.qtensor.to(device),
             codes=move(self.codes),
             scales=move(self.scales),
             biases=move(self.biases),
@@ -203,7 +203,7 @@ def _int_scales(qt: QTensor, lay: Layout, dtype: torch.dtype) -> tuple[torch.Ten
     else:
         b = -_rows(qt.zeros, qt).float() * s
     kdt = dtype if lay.bits == 4 else torch.float32
-    groups = 1 if lay.group == 0 else lay.kpad // lay.group
+    groups = 1 if lay.group == 0 else -(-lay.kpad // lay.group)
     return _pad2(s.to(kdt).t(), groups, lay.npad), _pad2(b.to(kdt).t(), groups, lay.npad)
 
 
@@ -262,13 +262,15 @@ def unpack_codes_from_layout(pw: PackedWeight) -> torch.Tensor:
     return p.to(torch.uint8)
 
 
-def kernel_weight(pw: PackedWeight) -> torch.Tensor:
+def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
     """The weight values [n, k] the Triton kernels multiply with, in pw.dtype,
     computed in torch from the packed layout: the kernels' numerics, for tests.
 
     4-bit ints: round(q * scale + bias) with scale and bias in pw.dtype and one
     rounding (a fused multiply-add in that dtype); 8-bit ints: round(fma(q,
     scale, bias)) in float32 then to pw.dtype; MXFP4: the exact value.
+    rounded=False (ints): q * scale + bias unrounded, in float64: what the
+    float32 GEMV (``WeightOnlyConfig(int_f32=True)``) multiplies with.
     """
     lay = pw.layout
     if lay is None:
@@ -288,6 +290,8 @@ def kernel_weight(pw: PackedWeight) -> torch.Tensor:
     s = pw.scales[:, :n].t()[:, g].double()
     b = pw.biases[:, :n].t()[:, g].double()
     w = q * s + b  # exact in float64
+    if not rounded:
+        return w
     if lay.bits == 8:
         w = w.float()  # one rounding (fma in float32), then to the dtype
     return w.to(torch.float32).to(pw.dtype)

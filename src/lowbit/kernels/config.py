@@ -1,0 +1,49 @@
+"""The launch config of the Triton weight-only kernel (chosen by ``dispatch``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .packing import PackedWeight
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """Launch config of the Triton weight-only kernel.
+
+    mode: "swap" computes y^T = W x^T (the weight is the MMA's wide side; for
+    small M), "gemm" the tiled y = x W^T (larger M), "gemv" sums products on
+    the CUDA cores without the MMA (M of 1 to a few). K is walked in tiles of
+    128. split_k > 1 splits K over that many programs per output tile (float32
+    partials summed by a second kernel).
+    """
+
+    block_m: int
+    block_n: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    mode: str = "gemm"
+    group_m: int = 8
+    stack: bool = True  # one dot per 128-element K tile (False: one per chunk of R)
+    int_f32: bool = False  # gemv, int codes: float32 products, scale and bias once per group
+
+    def check(self, pw: PackedWeight) -> "WeightOnlyConfig":
+        if self.mode not in ("gemm", "swap", "gemv"):
+            raise ValueError(f"mode={self.mode!r}: must be 'gemm', 'swap' or 'gemv'")
+        low = 1 if self.mode == "gemv" else 16
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < low or v & (v - 1):
+                raise ValueError(f"{name}={v}: must be a power of two >= {low} for mode {self.mode!r}")
+        if self.mode == "gemv" and self.block_m != 1:
+            raise ValueError(f"block_m={self.block_m}: mode 'gemv' takes one token per program (block_m=1)")
+        if self.mode == "swap" and self.block_n < 64:
+            raise ValueError(f"block_n={self.block_n}: mode 'swap' needs block_n >= 64 (the MMA's 64 rows)")
+        if self.block_n > 256:
+            raise ValueError(f"block_n={self.block_n}: at most 256 (the packed N padding)")
+        if self.split_k < 1 or self.group_m < 1 or self.num_stages < 1:
+            raise ValueError(f"split_k, group_m and num_stages must be >= 1, got {self}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps}: must be 1, 2, 4, 8 or 16")
+        return self

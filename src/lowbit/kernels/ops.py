@@ -1,0 +1,55 @@
+"""``torch.ops.lowbit.weight_only_linear``: the weight-only matmul as a torch
+custom op, so that ``torch.compile`` treats it as one opaque call (with a fake
+implementation for shapes) instead of tracing into Triton launches.
+
+    y = torch.ops.lowbit.weight_only_linear(x, codes, scales, biases, bias, fmt,
+                                            n, k, family, bits, group, kpad, npad)
+
+The arguments are a ``PackedWeight``'s kernel tensors and layout fields
+(``weight_only_linear(x, pw, bias)`` below assembles them); on CUDA the op runs
+``weight_only_matmul(..., backend="auto")``, so the dispatcher picks the kernel
+(CPU tensors, for tests: the Triton interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .packing import Layout, PackedWeight
+from .weight_only import weight_only_matmul
+
+
+@torch.library.custom_op("lowbit::weight_only_linear", mutates_args=())
+def _weight_only_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    n: int,
+    k: int,
+    family: str,
+    bits: int,
+    group: int,
+    kpad: int,
+    npad: int,
+) -> torch.Tensor:
+    pw = PackedWeight(fmt, n, k, None, x.dtype, codes, scales, biases, Layout(family, bits, group, kpad, npad))
+    # CUDA: the dispatcher's choice; CPU tensors: the Triton interpreter (tests)
+    return weight_only_matmul(x, pw, bias, backend="auto" if x.is_cuda else "triton")
+
+
+@_weight_only_linear.register_fake
+def _(x, codes, scales, biases, bias, fmt, n, k, family, bits, group, kpad, npad):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def weight_only_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight_only_matmul(x, pw, bias)`` through the custom op (Triton-supported weights only)."""
+    lay = pw.layout
+    if lay is None:
+        raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported}); use weight_only_matmul")
+    return torch.ops.lowbit.weight_only_linear(
+        x, pw.codes, pw.scales, pw.biases, bias, pw.fmt, pw.n, pw.k, lay.family, lay.bits, lay.group, lay.kpad, lay.npad
+    )
