@@ -145,8 +145,11 @@ def _triton_unsupported(x: torch.Tensor, pw) -> str | None:
 
 
 def git_commit(root: str | None = None) -> str:
-    """HEAD of the repository (+dirty for modified tracked files); $LOWBIT_COMMIT where
-    there is no git checkout (the device machine may get the tree without .git)."""
+    """$LOWBIT_COMMIT when set (a snapshot run elsewhere: the device machine's copy may
+    carry another checkout's .git), else HEAD of the repository (+dirty for modified
+    tracked files)."""
+    if os.environ.get("LOWBIT_COMMIT"):
+        return os.environ["LOWBIT_COMMIT"]
     root = root or os.getcwd()
     try:
         sha = subprocess.run(
@@ -158,7 +161,7 @@ def git_commit(root: str | None = None) -> str:
         ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:
-        return os.environ.get("LOWBIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment(device: torch.device) -> dict:
@@ -585,7 +588,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--recipes", default=",".join(DEFAULT_RECIPES), help="lowbit recipes, comma list (default: %(default)s)"
     )
     p.add_argument("--peers", default="all", help="peers, comma list, 'all' or 'none' (default: all)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"), help="lowbit kernels backend")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "dequant", "reference"), help="lowbit kernels backend")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of the harness")
     p.add_argument("--timing", choices=("graph", "eager"), help="CUDA-graph replay (default on CUDA) or eager launches")
     p.add_argument("--rep-ms", type=float, default=20.0, help="milliseconds of replays per measurement (default: 20)")
