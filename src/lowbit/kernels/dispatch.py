@@ -246,7 +246,7 @@ def plan(m: int, n: int, k: int, pw: PackedWeight, device: torch.device, dtype: 
 # ---------------------------------------------------------------- tuning
 
 
-def candidate_configs(m: int, fmt_family: str) -> list:
+def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32, num_sms: int = 132) -> list:
     """The launch configs ``tune`` times for M (a short list around the defaults);
     "dequant" stands for dequantize + cuBLAS."""
     out: list = []
@@ -261,8 +261,12 @@ def candidate_configs(m: int, fmt_family: str) -> list:
         bm = _pow2_at_least(m, 16)
         out += [WeightOnlyConfig(bm, bn, s, 8, 3, "swap") for bn in (128, 256) for s in (1, 2, 4)]
     else:
-        out += [WeightOnlyConfig(bm, bn, 1, w, 3, "gemm", stack=False)
-                for bm in (64, 128) for bn in (128, 256) for w in (4, 8) if not (bm == 64 and m > 256)]
+        for bm, bn, w in ((64, 128, 4), (64, 256, 8), (128, 128, 8), (128, 256, 8)):
+            if bm == 64 and m > 256:
+                continue
+            tiles = -(-m // bm) * -(-n // bn)
+            splits = {1, max(1, min(8, n_tiles // 2, -(-num_sms // tiles)))}  # and enough to fill the SMs
+            out += [WeightOnlyConfig(bm, bn, sp, w, 3, "gemm", stack=False) for sp in sorted(splits)]
     if m >= 128:
         out.append("dequant")
     return out
@@ -308,7 +312,7 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
                 y_ref = weight_only_matmul(x, pw, backend="reference").float()
                 ref_max = float(y_ref.abs().max()) or 1.0
                 best = None
-                for cand in candidate_configs(m, pw.layout.family):
+                for cand in candidate_configs(m, pw.layout.family, n, pw.layout.n_tiles, num_sms(device)):
                     kernel, cfg = ("dequant", None) if cand == "dequant" else ("triton", cand)
                     try:
                         fn = (lambda: weight_only_matmul(x, pw, backend=kernel, config=cfg))
