@@ -289,6 +289,9 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
     cache = cache or load_cache(device)
     t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(0)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(recipes) * len(shapes) * len(ms), desc="tune", unit="case")
     for recipe in recipes:
         r = parse_recipe(recipe)
         if r.activation.fmt is not None:
@@ -300,10 +303,13 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
             del w
             if not pw.triton_supported:
                 log(f"{recipe} {n}x{k}: no kernel ({pw.unsupported}); the reference runs")
+                bar.update(len(ms))
                 continue
             for m in ms:
+                bar.update(1)
                 if budget_s is not None and time.time() - t0 > budget_s:
                     log("tuning budget spent; stopping (what was measured is saved)")
+                    bar.close()
                     cache.save()
                     forget_loaded_caches()
                     return cache
@@ -333,6 +339,7 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
                 log(f"{recipe} {n}x{k} M={m}: {kernel} {'' if cfg is None else cfg} {us:.1f} us "
                     f"(bf16 {bf16_us:.1f} us, {bf16_us / us:.2f}x)")
             del pw, wb
+    bar.close()
     path = cache.save()
     log(f"tuning cache: {path}")
     forget_loaded_caches()
