@@ -1,16 +1,27 @@
 """Write docs/quality.md and docs/quality.json from a real run: every recipe on both
-bundled models, plus the round-to-nearest variants of ../shared/QUALITY.md.
+bundled models with round to nearest, the round-to-nearest variants of
+../shared/QUALITY.md, and every quantization method on every recipe it applies to.
 
-    PYTHONPATH=src python scripts/quality_report.py            # about 20 minutes on 2 cores
+    PYTHONPATH=src python scripts/quality_report.py                  # everything (hours on 2 cores)
+    PYTHONPATH=src python scripts/quality_report.py --models minilm --part methods   # a subset ...
+    PYTHONPATH=src python scripts/quality_report.py --write-only     # ... then merge and write the docs
+
+Every measured row is kept in a cache (default build/quality_cache.json, keyed by model,
+recipe, options and calibration size), so the work can be split into several runs (by
+--models, --part, --recipes) and resumed; rows already in the cache are not measured
+again unless --fresh. The documents are written when every row is in the cache (or with
+--write-only, from what is there, marking what is missing).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from lowbit.eval.quality import baseline_row, evaluate, format_rows, prepare  # noqa: E402
-from lowbit.nn.recipes import EXAMPLES  # noqa: E402
+from lowbit.nn.recipes import EXAMPLES, parse_recipe  # noqa: E402
 
 # (QUALITY.md row label, recipe, weight options): the independent RTN measurements to reproduce
 REPRODUCE = [
@@ -40,10 +51,42 @@ REPRODUCE = [
     ("int2 g64 affine, integer zero", "a16w2-int-g64", {"zero_point": "integer"}),
 ]
 
+# method suffixes measured on every recipe where they apply; rotations on the FP4 recipes,
+# where they are meant to help (they parse for every format)
+METHODS = ("hqq", "awq", "gptq", "smooth", "rot", "rot-gptq", "awq-gptq")  # awq-gptq: the acceptance recipes
+FP4 = ("mxfp4", "nvfp4")
+EXTRA: list = []  # further (recipe, options) rows
+
+# the acceptance lines of the methods issue: (what, recipe, bound) on SmolLM2 mean KL
+ACCEPTANCE = [
+    ("a16w4-int-g64: HQQ <= 0.85x RTN", "a16w4-int-g64", ["hqq"], 0.85),
+    ("a16w4-int-g64: AWQ <= 0.85x RTN", "a16w4-int-g64", ["awq"], 0.85),
+    ("a16w4-int-g64: GPTQ <= 0.6x RTN", "a16w4-int-g64", ["gptq"], 0.6),
+    ("a16w4-mxfp4: best method <= 0.6x RTN", "a16w4-mxfp4", None, 0.6),
+    ("a16w3-int-g64: best method <= 0.5x RTN", "a16w3-int-g64", None, 0.5),
+    ("a8w8-int8: SmoothQuant <= RTN", "a8w8-int8", ["smooth"], 1.0),
+]
 
 Q4_1_NOTE = (
     "Note: SmolLM2's bundled weights are GGUF Q4_1 values, i.e. 4-bit affine codes with a float scale and minimum per 32 weights along K. `a16w4-int-g32` with lowbit's default float zero point lands on that same grid, so on this model it is nearly lossless (KL 0.0000, weight SQNR 144 dB); that row says nothing about other models. With the integer zero point (the reproduction table) it costs what QUALITY.md measured."
 )
+
+
+def method_recipes() -> list[tuple[str, dict]]:
+    out = []
+    for r in EXAMPLES:
+        fp4 = any(r.endswith(f) for f in FP4)
+        for m in METHODS:
+            if m.startswith("rot") and not fp4:
+                continue
+            if m == "awq-gptq" and r not in ("a16w4-int-g64", "a16w3-int-g64"):
+                continue
+            try:
+                parse_recipe(f"{r}-{m}")
+            except ValueError:
+                continue
+            out.append((f"{r}-{m}", {}))
+    return out + [e for e in EXTRA if e not in out]
 
 
 def anchors() -> dict[tuple[str, str], list[str]]:
@@ -61,35 +104,118 @@ def anchors() -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def main() -> int:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    started = datetime.datetime.now(datetime.timezone.utc)
-    runs = [(r, r, {}) for r in EXAMPLES] + [(label, r, o) for label, r, o in REPRODUCE]
-    result = {"date": started.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__, "models": {}}
+def key(model: str, recipe: str, opts: dict, cal: int) -> str:
+    needs = parse_recipe(recipe).needs_calibration
+    o = ",".join(f"{k}={v}" for k, v in sorted(opts.items()))
+    return f"{model}|{recipe}|{o}|{cal if needs else '-'}"
+
+
+def load_cache(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_cache(path: Path, cache: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1, default=str))
+    tmp.replace(path)
+
+
+def plan(models, parts, only) -> list[tuple[str, str, str, dict]]:
+    """(model, label, recipe, options) of every row to measure."""
+    rows = []
+    for model in models:
+        if "rtn" in parts:
+            rows += [(model, r, r, {}) for r in EXAMPLES]
+            rows += [(model, label, r, o) for label, r, o in REPRODUCE]
+        if "methods" in parts:
+            rows += [(model, r, r, o) for r, o in method_recipes()]
+    if only:
+        rows = [x for x in rows if x[2] in only]
+    return rows
+
+
+def measure(args, cache_path: Path, cache: dict) -> None:
+    todo = plan(args.models, args.part, args.recipes)
+    for model in args.models:
+        mine = [x for x in todo if x[0] == model]
+        pending = [x for x in mine if args.fresh or key(model, x[2], x[3], args.calibration_seqs) not in cache]
+        base_key = f"{model}|baseline"
+        if not pending and base_key in cache:
+            continue
+        ev = prepare(model, progress=False, calibration_seqs=args.calibration_seqs)
+        cache[base_key] = {**baseline_row(ev), "calibration_source": ev.calibration_source,
+                           "description": ev.bundled.description}
+        save_cache(cache_path, cache)
+        t0 = time.perf_counter()
+        for i, (_, label, recipe, opts) in enumerate(pending):
+            row = evaluate(ev, recipe, weight_options=opts or None, progress=False)
+            row.update(label=label, weight_options=opts, measured=datetime.date.today().isoformat(),
+                       commit=commit())
+            cache[key(model, recipe, opts, args.calibration_seqs)] = row
+            save_cache(cache_path, cache)
+            done = time.perf_counter() - t0
+            eta = done / (i + 1) * (len(pending) - i - 1)
+            metric = row.get("mean_kl", row.get("mean_cos"))
+            print(f"[{i + 1}/{len(pending)}] {model} {label} {opts or ''}: {metric:.4f} "
+                  f"({row['seconds']:.0f} s; ETA {eta / 60:.0f} min)", flush=True)
+        del ev
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def fmt_kl(row) -> str:
+    return "?" if row is None else f"{row['mean_kl']:.4f}"
+
+
+def write_docs(args, cache: dict) -> bool:
     ref = anchors()
+    cal = args.calibration_seqs
+    today = datetime.date.today().isoformat()
+    result = {"date": today, "commit": commit(), "torch": torch.__version__, "calibration_seqs": cal, "models": {}}
+    missing = []
+
+    def get(model, recipe, opts=None):
+        row = cache.get(key(model, recipe, opts or {}, cal))
+        if row is None:
+            missing.append(f"{model} {recipe} {opts or ''}")
+        return row
+
     md = [
-        "# Quality of lowbit's recipes on the bundled models",
+        "# Quality of lowbit's recipes and quantization methods on the bundled models",
         "",
-        f"Generated by `PYTHONPATH=src python scripts/quality_report.py` on {result['date']}, commit {commit}, "
-        f"torch {torch.__version__}, CPU reference path (float32 models). Every `nn.Linear` but `lm_head` is "
-        "quantized; round to nearest (`-rtn`). Text: the evaluation half of `pydoc_data.topics` "
-        "(SmolLM2: first 4096 tokens in sequences of 512; MiniLM: 512 paragraphs of more than 80 characters, "
-        "at most 128 tokens). SmolLM2's weights were themselves dequantized from GGUF Q4_1.",
+        f"Generated by `PYTHONPATH=src python scripts/quality_report.py` (commit {commit()}, torch "
+        f"{torch.__version__}, CPU reference path, float32 models; rows measured between "
+        f"{min((r.get('measured', today) for r in cache.values() if isinstance(r, dict) and 'measured' in r), default=today)} "
+        f"and {today}). Every `nn.Linear` but `lm_head` is quantized. Evaluation text: the evaluation half of "
+        "`pydoc_data.topics` (SmolLM2: first 4096 tokens in sequences of 512; MiniLM: 512 paragraphs of more than "
+        "80 characters, at most 128 tokens). SmolLM2's weights were themselves dequantized from GGUF Q4_1.",
         "",
-        "Affine integer recipes use the HQQ float zero point by default; `zero_point=integer` rows round it.",
+        "Affine integer recipes use the HQQ float zero point by default (the reproduction tables also show "
+        "`zero_point=integer`). Methods (recipe suffixes, `lowbit.quantize_(model, recipe, calibration=ids)`): "
+        "`-hqq` HQQ zero points (no data); `-awq` AWQ scales and clipping; `-gptq` GPTQ; `-smooth` SmoothQuant "
+        "(a8w8 only); `-rot` block-32 Hadamard rotation (no data); `-rot-gptq` both; `-awq-gptq` both. "
+        "w SQNR dB: of the effective weight (input transforms undone) against the original weight.",
         "",
     ]
     for model in ("smollm2", "minilm"):
-        ev = prepare(model, progress=False)
-        rows, repro = [baseline_row(ev)], []
-        for label, recipe, opts in runs:
-            row = evaluate(ev, recipe, weight_options=opts or None, progress=False)
-            row["label"] = label
-            row["weight_options"] = opts
-            print(f"{model} {label}: {row.get('mean_kl', row.get('mean_cos')):.4f} ({row['seconds']:.0f} s)", flush=True)
-            (rows if label == recipe else repro).append(row)
-        result["models"][model] = {"description": ev.bundled.description, "rows": rows, "reproduction": repro}
-        md += [f"## {ev.bundled.description}", "", "```", format_rows(rows), "```", ""]
+        base = cache.get(f"{model}|baseline")
+        if base is None:
+            missing.append(f"{model} baseline")
+            continue
+        rows = [base] + [r for r in (get(model, x) for x in EXAMPLES) if r]
+        repro = []
+        for label, recipe, opts in REPRODUCE:
+            r = get(model, recipe, opts)
+            if r:
+                repro.append({**r, "label": label, "weight_options": opts})
+        methods = [r for r in (get(model, x, o) for x, o in method_recipes()) if r]
+        result["models"][model] = {"description": base["description"], "calibration": base["calibration_source"],
+                                   "rows": rows, "reproduction": repro, "methods": methods}
+        md += [f"## {base['description']}", "", "### Round to nearest", "", "```", format_rows(rows), "```", ""]
         if model == "smollm2":
             md += [Q4_1_NOTE, ""]
         md += [
@@ -112,10 +238,90 @@ def main() -> int:
             else:
                 md.append(f"| {r['label']} | {r['recipe']} | {opts} | {r['mean_cos']:.5f} ({a[0]}) | "
                           f"{r['top1_neighbor']:.2f} ({a[2]}) | {r['recall_at_10']:.3f} ({a[3]}) |")
-        md.append("")
+        md += ["", "### Methods", "",
+               f"Calibration data for `-awq`, `-gptq`, `-smooth`: {base['calibration_source']} (disjoint from the "
+               "evaluation text). Seconds: quantization alone (calibration passes included), on 2 shared CPU cores.",
+               ""]
+        metric = "mean KL" if model == "smollm2" else "mean cos"
+        md += [f"{metric} by recipe (rows) and method (columns); `-` where the method does not apply:", ""]
+        cols = ("rtn",) + METHODS
+        md += ["| recipe | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for x in EXAMPLES:
+            cells = []
+            for m in cols:
+                r = cache.get(key(model, x if m == "rtn" else f"{x}-{m}", {}, cal))
+                planned = m == "rtn" or (f"{x}-{m}", {}) in method_recipes()
+                if r is None:
+                    cells.append("?" if planned else "-")
+                else:
+                    cells.append(f"{r['mean_kl']:.4f}" if model == "smollm2" else f"{r['mean_cos']:.5f}")
+            md.append(f"| {x} | " + " | ".join(cells) + " |")
+        md += ["", "Every method row in full:", "", "```", format_rows(methods), "```", ""]
+        secs = [f"{r['recipe']} {r['quantize_seconds']:.0f}" for r in methods]
+        md += ["Quantization seconds: " + ", ".join(secs) + ".", ""]
+    # acceptance
+    md += ["## Acceptance of the methods issue (SmolLM2, mean KL against fp32)", "",
+           "RTN is the recipe's default (float zero point for affine integers, the like-for-like baseline of every "
+           "integer method here); the integer-zero RTN of QUALITY.md is shown beside it.", "",
+           "| line | RTN | method | method KL | ratio | bound | pass |", "|---|---|---|---|---|---|---|"]
+    result["acceptance"] = []
+    for what, recipe, methods, bound in ACCEPTANCE:
+        rtn = cache.get(key("smollm2", recipe, {}, cal))
+        rtn_int = cache.get(key("smollm2", recipe, {"zero_point": "integer"}, cal))
+        cands = [m for m in (methods or [m for m in METHODS + ("awq-gptq",)]) if
+                 cache.get(key("smollm2", f"{recipe}-{m}", {}, cal))]
+        if not rtn or not cands:
+            md.append(f"| {what} | ? | ? | ? | ? | {bound} | ? |")
+            continue
+        best = min(cands, key=lambda m: cache[key("smollm2", f"{recipe}-{m}", {}, cal)]["mean_kl"])
+        row = cache[key("smollm2", f"{recipe}-{best}", {}, cal)]
+        ratio = row["mean_kl"] / rtn["mean_kl"]
+        extra = f" (integer zero {rtn_int['mean_kl']:.4f}: {row['mean_kl'] / rtn_int['mean_kl']:.2f}x)" if rtn_int else ""
+        ok = ratio <= bound
+        if recipe == "a16w4-mxfp4":
+            nv = cache.get(key("smollm2", "a16w4-nvfp4", {}, cal))
+            if nv:
+                ok = ok and row["mean_kl"] < nv["mean_kl"]
+                extra += f"; RTN a16w4-nvfp4 {nv['mean_kl']:.4f}"
+        md.append(f"| {what} | {rtn['mean_kl']:.4f} | -{best} | {row['mean_kl']:.4f} | {ratio:.2f}x{extra} | "
+                  f"{bound} | {'yes' if ok else 'NO'} |")
+        result["acceptance"].append({"line": what, "rtn": rtn["mean_kl"], "method": best, "kl": row["mean_kl"],
+                                     "ratio": ratio, "bound": bound, "pass": ok})
+    mini = [r for r in (cache.get(key("minilm", f"{x}-{m}", {}, cal)) for x in EXAMPLES if "w4" in x
+                        for m in METHODS) if r]
+    if mini:
+        best = max(mini, key=lambda r: r["mean_cos"])
+        rtn = cache.get(key("minilm", best["recipe"].split("-" + best["method"])[0], {}, cal))
+        if rtn:
+            md.append(f"| MiniLM: best 4-bit method's cosine above RTN's | {rtn['mean_cos']:.5f} | {best['recipe']} | "
+                      f"cos {best['mean_cos']:.5f} | | | {'yes' if best['mean_cos'] > rtn['mean_cos'] else 'NO'} |")
+    md.append("")
+    if missing:
+        md += ["Missing rows (not measured yet): " + "; ".join(missing), ""]
     (ROOT / "docs" / "quality.json").write_text(json.dumps(result, indent=1, default=str))
     (ROOT / "docs" / "quality.md").write_text("\n".join(md))
-    print("wrote docs/quality.md and docs/quality.json")
+    print(f"wrote docs/quality.md and docs/quality.json ({len(missing)} rows missing)")
+    return not missing
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
+    p.add_argument("--part", nargs="+", default=["rtn", "methods"], choices=["rtn", "methods"])
+    p.add_argument("--recipes", nargs="+", help="measure only these recipes (with their method suffix)")
+    p.add_argument("--calibration-seqs", type=int, default=128,
+                   help="calibration sequences (decoder: of 512 tokens; default 128, what `lowbit eval` uses)")
+    p.add_argument("--cache", default=str(ROOT / "build" / "quality_cache.json"))
+    p.add_argument("--fresh", action="store_true", help="measure again rows already in the cache")
+    p.add_argument("--write-only", action="store_true", help="write the documents from the cache, measure nothing")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cache_path = Path(args.cache)
+    cache = load_cache(cache_path)
+    if not args.write_only:
+        measure(args, cache_path, cache)
+    write_docs(args, cache)
     return 0
 
 

@@ -38,3 +38,14 @@ def test_bad_recipe_is_a_clear_error(capsys):
 def test_python_dash_m_runs():
     out = subprocess.run([sys.executable, "-m", "lowbit", "formats"], capture_output=True, text=True, check=True).stdout
     assert "nvfp4" in out and "mxint8" in out
+
+
+@pytest.mark.parametrize("args,why", [
+    (["--recipe", "a16w4-int-g64-gptq", "--method-options", "{bad"], "must be JSON"),
+    (["--recipe", "a16w4-int-g64-gptq", "--method-options", '{"gptq": {"damp": 1}}'], "unknown option"),
+    (["--recipe", "a16w4-int-g64-gptq", "--calibration-seqs", "0"], "--calibration-seqs"),
+    (["--recipe", "a16w4-mxfp4-hqq"], "-hqq optimises integer weights"),
+])
+def test_eval_method_arguments_fail_before_loading_a_model(args, why, capsys):
+    assert main(["eval", *args]) == 2
+    assert why in capsys.readouterr().err

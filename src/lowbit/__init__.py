@@ -5,9 +5,10 @@ models are optional and imported where they are used.
 """
 
 from .formats import FORMATS, QTensor, quantize_tensor
-from .io import load, save
+from .io import export, load, quantize_checkpoint, save
 from .nn import QuantLinear, quantize_
 
 __version__ = "0.1.0"
 
-__all__ = ["FORMATS", "QTensor", "QuantLinear", "load", "quantize_", "quantize_tensor", "save", "__version__"]
+__all__ = ["FORMATS", "QTensor", "QuantLinear", "export", "load", "quantize_", "quantize_checkpoint", "quantize_tensor",
+           "save", "__version__"]

@@ -34,13 +34,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r in args.recipe:  # fail on a bad name before loading anything
         parse_recipe(r)
     weight_options = {"zero_point": args.zero_point} if args.zero_point else None
+    method_options = None
+    if args.method_options:
+        from .quant.methods import check_method_options
+
+        try:
+            method_options = json.loads(args.method_options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--method-options must be JSON, e.g. '{{\"gptq\": {{\"act_order\": true}}}}' ({e})")
+        check_method_options(method_options)
+    if args.calibration_seqs < 1 or args.calibration_len < 2:
+        raise ValueError("--calibration-seqs must be >= 1 and --calibration-len >= 2")
     import torch
 
     dtype = getattr(torch, args.dtype)
-    ev = prepare(args.model, text_file=args.text, n_tokens=args.tokens, seq_len=args.seq_len, dtype=dtype)
+    ev = prepare(args.model, text_file=args.text, n_tokens=args.tokens, seq_len=args.seq_len, dtype=dtype,
+                 calibration_text=args.calibration_text, calibration_seqs=args.calibration_seqs,
+                 calibration_len=args.calibration_len)
     print(f"model: {ev.bundled.description}")
     print(f"text: {ev.text_source}")
-    rows = [baseline_row(ev)] + [evaluate(ev, r, weight_options=weight_options) for r in args.recipe]
+    if any(parse_recipe(r).needs_calibration for r in args.recipe):
+        print(f"calibration: {ev.calibration_source}")
+    rows = [baseline_row(ev)] + [evaluate(ev, r, weight_options=weight_options, method_options=method_options)
+                                 for r in args.recipe]
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -82,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the model and its activations (default: float32)")
     e.add_argument("--zero-point", choices=("float", "integer"), help="zero point of affine integer weights")
+    e.add_argument("--calibration-text", metavar="FILE",
+                   help="calibration text for -awq/-gptq/-smooth (default: the calibration half of pydoc_data.topics)")
+    e.add_argument("--calibration-seqs", type=int, default=128,
+                   help="at most this many calibration sequences (default: 128)")
+    e.add_argument("--calibration-len", type=int, default=512,
+                   help="tokens per calibration sequence for a decoder (default: 512)")
+    e.add_argument("--method-options", metavar="JSON",
+                   help='per-method options, e.g. \'{"gptq": {"act_order": true, "static_groups": true}}\'')
     e.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     e.set_defaults(func=cmd_eval)
     from .bench.run import add_arguments as add_bench_arguments
@@ -89,7 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time weight-only matmuls against bf16 cuBLAS and peers on real model shapes (GPU)")
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("tune", help="time the kernels on a model's linear shapes and record the fastest (GPU)")
+    t.add_argument("--model", required=True,
+                   help="a model's linear shapes: a bundled model (smollm2, minilm), a model of the benchmark "
+                        "registry (llama3-8b, llama3-70b, smollm2-135m), a comma list of registry shapes, or NxK")
+    t.add_argument("--recipe", nargs="+", default=["a16w4-int-g128"], metavar="R", help="weight-only recipes")
+    t.add_argument("--m", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192",
+                   help="token counts (M) to tune, comma list (default: every M bucket up to 8192)")
+    t.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    t.add_argument("--budget-s", type=float, help="stop after this many seconds (what was measured is kept)")
+    t.set_defaults(func=cmd_tune)
+    from .io.commands import add_commands as add_serving_commands  # export, quantize, check
+
+    add_serving_commands(sub)
     return p
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.shapes import parse_ms, select_shapes
+    from .kernels import dispatch
+
+    if not torch.cuda.is_available():
+        print("lowbit tune: error: no CUDA GPU here; the shipped defaults apply (lowbit.kernels.dispatch)",
+              file=sys.stderr)
+        return 2
+    # the bundled models by their short names: SmolLM2 is in the registry, MiniLM's linears are 384/1536 wide
+    spec = {"smollm2": "smollm2-135m", "minilm": "384x384,1536x384,384x1536"}.get(args.model, args.model)
+    shapes = sorted({(s.n, s.k) for s in select_shapes(spec)})
+    cache = dispatch.tune(shapes, args.recipe, parse_ms(args.m), dtype=getattr(torch, args.dtype),
+                          budget_s=args.budget_s, log=lambda s: print(s, flush=True))
+    print(f"{len(cache.entries)} tuned entries for {cache.gpu} in {cache.path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

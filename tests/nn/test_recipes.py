@@ -84,11 +84,21 @@ BAD = [
     ("a4w4-int-g64", r"4-bit activations are not defined"),
     ("a4w8-fp8", r"4-bit activations are not defined with fp8 weights"),
     ("a8w4-nvfp4", r"8-bit activations are not defined with nvfp4 weights"),
-    ("a16w4-int-g128-gptq", r"method 'gptq' is not available yet"),
-    ("a16w4-int-g128-hqq", r"method 'hqq' is not available yet"),
-    ("a16w4-int-g64-awq", r"method 'awq' is not available yet"),
-    ("a8w8-int8-smooth", r"method 'smooth' is not available yet"),
-    ("a4w4-mxfp4-rot", r"method 'rot' is not available yet"),
+    ("a16w4-mxfp4-hqq", r"-hqq optimises integer weights"),
+    ("a16w4-nvfp4-hqq", r"-hqq optimises integer weights"),
+    ("a16w4-int-g64-smooth", r"-smooth \(SmoothQuant\) only applies to a8w8-\* recipes"),
+    ("a8w4-mxfp4-smooth", r"only applies to a8w8-\* recipes"),
+    ("a16w8-fp8-awq", r"-awq applies to integer and FP4"),
+    ("a16w6-mxfp6-awq", r"-awq applies to integer and FP4"),
+    ("a16w4-mxfp4-gptq-rot", r"the transform 'rot' must come before the quantizer 'gptq'"),
+    ("a16w4-int-g64-gptq-awq", r"the transform 'awq' must come before the quantizer 'gptq'"),
+    ("a16w4-int-g64-hqq-gptq", r"two quantizers"),
+    ("a16w4-int-g64-rtn-rtn", r"two quantizers"),
+    ("a16w4-int-g64-awq-rot", r"two transforms"),
+    ("a16w4-mxfp4-rot32", r"-rot already means block 32"),
+    ("a16w4-mxfp4-rot48", r"power of two"),
+    ("a16w4-mxfp4-rot1", r"power of two"),
+    ("a16w4-hqq", r"unknown weight format 'hqq'"),
     ("a16w4-int-g128-foo", r"unknown weight format 'int-g128-foo'"),
     ("a32w4-mxfp4", r"does not follow the naming scheme"),
     ("a16w5-int-g64", r"does not follow the naming scheme"),
@@ -118,3 +128,44 @@ def test_non_string_raises_value_error(bad):
 def test_group_zero_is_rejected_by_the_parser():
     with pytest.raises(ValueError, match="group"):
         parse_recipe("a16w4-int-g0")
+
+
+# method suffixes, from the recipes docstring / README: (quantizer, transform, rotation block, needs data)
+METHOD_RECIPES = {
+    "a16w4-int-g64-hqq": ("hqq", None, None, False),
+    "a16w8-int8-hqq": ("hqq", None, None, False),
+    "a16w4-int-g64-gptq": ("gptq", None, None, True),
+    "a16w4-int-g64-awq": ("rtn", "awq", None, True),
+    "a16w4-int-g64-awq-gptq": ("gptq", "awq", None, True),
+    "a16w4-int-g64-awq-hqq": ("hqq", "awq", None, True),
+    "a16w4-mxfp4-awq": ("rtn", "awq", None, True),
+    "a16w4-nvfp4-gptq": ("gptq", None, None, True),
+    "a16w4-mxfp4-rot": ("rtn", "rot", 32, False),
+    "a16w4-mxfp4-rot128": ("rtn", "rot", 128, False),
+    "a16w4-mxfp4-rot-gptq": ("gptq", "rot", 32, True),
+    "a4w4-nvfp4-rot": ("rtn", "rot", 32, False),
+    "a8w8-int8-smooth": ("rtn", "smooth", None, True),
+    "a8w8-fp8-smooth-gptq": ("gptq", "smooth", None, True),
+    "a16w4-int-g64-rot-rtn": ("rtn", "rot", 32, False),
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_RECIPES))
+def test_method_suffixes(name):
+    quantizer, transform, block, needs = METHOD_RECIPES[name]
+    r = parse_recipe(name)
+    assert (r.quantizer, r.transform, r.rotation_block, r.needs_calibration) == (quantizer, transform, block, needs)
+    assert r.name == name
+    # the format part is the same as without the methods
+    body = name
+    for suffix in ("-rtn", "-hqq", "-gptq", "-awq", "-smooth", "-rot128", "-rot"):
+        body = body.replace(suffix, "")
+    base = parse_recipe(body)
+    assert (r.weight_fmt, r.weight_options, r.activation) == (base.weight_fmt, base.weight_options, base.activation)
+    assert base.method == "rtn" and base.transform is None and not base.needs_calibration
+
+
+def test_method_string_is_the_suffix_as_written():
+    assert parse_recipe("a16w4-mxfp4-rot-gptq").method == "rot-gptq"
+    assert parse_recipe("a16w4-int-g64-hqq").method == "hqq"
+    assert parse_recipe("a16w4-int-g64").method == "rtn"

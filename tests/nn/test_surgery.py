@@ -214,7 +214,7 @@ def test_overrides_pick_recipes_and_full_precision():
     [
         {"recipe": "a16w4-int"},
         {"recipe": "a16w4-int-g32", "overrides": {"*.q_proj": "a16w4-mxfp8"}},
-        {"recipe": "a16w4-int-g32", "overrides": {"*.q_proj": "a16w4-int-g128-gptq"}},
+        {"recipe": "a16w4-int-g32", "overrides": {"*.q_proj": "a16w4-mxfp4-hqq"}},
     ],
 )
 def test_bad_recipe_raises_before_touching_the_model(kwargs):

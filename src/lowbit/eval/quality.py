@@ -2,6 +2,14 @@
 
     ev = prepare("smollm2")                 # loads the model, data, reference once
     row = evaluate(ev, "a16w4-int-g128")    # quantized copy -> metrics row
+    row = evaluate(ev, "a16w4-int-g64-gptq")  # calibrated methods use ev's calibration data
+
+Calibration data (for -awq, -gptq, -smooth) comes from the calibration half of
+pydoc_data.topics, disjoint from the evaluation half, unless ``calibration_text`` is
+given: a decoder gets consecutive slices of ``calibration_len`` tokens (at most
+``calibration_seqs`` of them), an encoder the text's paragraphs (more than 80
+characters, at most ``calibration_seqs``, tokenized with special tokens, at most 128
+tokens each).
 """
 
 from __future__ import annotations
@@ -28,6 +36,21 @@ class Evaluation:
     reference: Any  # decoder: DecoderReference; encoder: embeddings [n, d]
     text_source: str
     batch_size: int
+    calibration: Any = None  # token ids for calibrated methods (LongTensor [n, T] or a list of [1, T])
+    calibration_source: str = ""
+
+
+def calibration_data(bundled: BundledModel, text: str, n_seqs: int = 128, seq_len: int = 512):
+    """Calibration ids from ``text``: decoder LongTensor [n, seq_len]; encoder a list of
+    [1, T] paragraphs (special tokens added, at most 128 tokens)."""
+    from ..quant.calibration import calibration_ids
+
+    if bundled.kind == "decoder":
+        return calibration_ids(bundled.tokenizer, text, n_seqs=n_seqs, seq_len=seq_len)
+    paras = paragraphs(text, limit=n_seqs)
+    if not paras:
+        raise ValueError("the calibration text has no paragraph longer than 80 characters")
+    return [bundled.tokenizer(p, truncation=True, max_length=128, return_tensors="pt")["input_ids"] for p in paras]
 
 
 def prepare(
@@ -39,10 +62,14 @@ def prepare(
     batch_size: int = 4,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    calibration_text: str | None = None,
+    calibration_seqs: int = 128,
+    calibration_len: int = 512,
 ) -> Evaluation:
     """Load a bundled model and its evaluation data, and run the full-precision reference once.
 
-    The text is the evaluation half of pydoc_data.topics unless ``text_file`` is given.
+    The text is the evaluation half of pydoc_data.topics unless ``text_file`` is given;
+    the calibration data the calibration half unless ``calibration_text`` (a file) is given.
     """
     bundled = load_model(model, dtype=dtype)
     if text_file:
@@ -55,7 +82,15 @@ def prepare(
     else:
         data = paragraphs(text, limit=n_paragraphs)
         ref = encode(bundled.model, bundled.tokenizer, data, progress=progress)
-    return Evaluation(bundled, data, ref, source, batch_size)
+    if calibration_text:
+        cal_text, cal_source = read_text_file(calibration_text), calibration_text
+    else:
+        cal_text, cal_source = topics_split()[0], "pydoc_data.topics, calibration half"
+    calib = calibration_data(bundled, cal_text, calibration_seqs, calibration_len)
+    n_cal = len(calib) if isinstance(calib, list) else calib.shape[0]
+    n_tok = sum(c.numel() for c in calib) if isinstance(calib, list) else calib.numel()
+    cal_source = f"{cal_source}: {n_cal} sequences, {n_tok} tokens"
+    return Evaluation(bundled, data, ref, source, batch_size, calib, cal_source)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -75,21 +110,26 @@ def evaluate(
     weight_options: dict | None = None,
     progress: bool = True,
     return_model: bool = False,
+    method_options: dict | None = None,
 ):
     """Quantize a copy of the model with ``recipe`` and measure it. Returns a row dict
-    (and the quantized model when ``return_model``)."""
-    from ..nn import quantize_
+    (and the quantized model when ``return_model``). Calibrated methods use
+    ``ev.calibration``."""
+    from ..nn import parse_recipe, quantize_
 
     t0 = time.perf_counter()
+    needs = parse_recipe(recipe).needs_calibration
     model = copy.deepcopy(ev.bundled.model)
-    report = quantize_(model, recipe, weight_options=weight_options, progress=progress)
+    report = quantize_(model, recipe, weight_options=weight_options, progress=progress,
+                       calibration=ev.calibration if needs else None, method_options=method_options)
+    t_quant = time.perf_counter() - t0
     originals = dict(ev.bundled.model.named_modules())
     signal = noise = 0.0
     layer_sqnr = {}
     for name, module in model.named_modules():
         if hasattr(module, "qweight"):
             w = originals[name].weight.detach().float()
-            err = (w - module.qweight.dequantize()).double().pow(2).sum().item()
+            err = (w - module.effective_weight()).double().pow(2).sum().item()
             sig = w.double().pow(2).sum().item()
             signal, noise = signal + sig, noise + err
             layer_sqnr[name] = 10 * torch.log10(torch.tensor(sig / err)).item() if err else float("inf")
@@ -101,7 +141,13 @@ def evaluate(
         "weight_sqnr_db": 10 * torch.log10(torch.tensor(signal / noise)).item() if noise else float("inf"),
         "layers_replaced": len(report.replaced),
         "layers_skipped": len(report.skipped),
+        "method": parse_recipe(recipe).method,
+        "quantize_seconds": t_quant,
     }
+    if needs:
+        row["calibration"] = {**report.calibration, "source": ev.calibration_source}
+    if method_options:
+        row["method_options"] = method_options
     if ev.bundled.kind == "decoder":
         row.update(compare_decoder(ev.reference, model, batch_size=ev.batch_size, progress=progress))
     else:

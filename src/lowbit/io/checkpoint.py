@@ -77,6 +77,8 @@ def _state_of(obj) -> tuple[dict[str, torch.Tensor], dict, dict]:
                     "activation": {"fmt": m.activation.fmt, "options": _jsonable(m.activation.options)},
                     "recipe": m.recipe,
                     "bias": m.bias is not None,
+                    "input_scale": m.input_scale is not None,
+                    "rotation_block": m.rotation_block,
                 }
         tensors = dict(obj.state_dict())
     elif isinstance(obj, dict):
@@ -177,8 +179,16 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None):
     tensor fits, then replaces its quantized layers by QuantLinear and loads
     all tensors; on any mismatch it raises CheckpointError and leaves the model
     untouched. Returns the model.
+
+    A compressed-tensors directory (config.json with a compressed-tensors
+    quantization_config, no lowbit.json) is read by lowbit.io.compressed_tensors.load.
     """
     directory = Path(directory)
+    if not (directory / META_FILE).exists():
+        from . import compressed_tensors
+
+        if compressed_tensors.is_compressed_tensors_dir(directory):
+            return compressed_tensors.load(directory, model)
     meta, tensors = _read(directory)
     layers, loose = meta.get("quantized_layers"), meta.get("qtensors")
     if not isinstance(layers, dict) or not isinstance(loose, dict):
@@ -226,7 +236,12 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None):
                 f"{'has none' if has_bias else 'has one'}: wrong model for this checkpoint?"
             )
         bias = tensors.get(f"{name}.bias") if has_bias else None
-        new_layers[name] = QuantLinear(q, bias, spec, recipe=m.get("recipe"))
+        try:  # input transforms (AWQ/SmoothQuant input scale, Hadamard rotation); absent in older files
+            input_scale = torch.ones(in_f) if m.get("input_scale") else None
+            new_layers[name] = QuantLinear(q, bias, spec, recipe=m.get("recipe"), input_scale=input_scale,
+                                           rotation_block=m.get("rotation_block"))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{META_FILE}: layer {name!r} has a bad input transform ({e})") from None
     expected: dict[str, torch.Size] = {}
     for k, v in model.state_dict().items():
         owner = k.rpartition(".")[0]

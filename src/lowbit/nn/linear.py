@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import QTensor, fake_quantize, quantize_tensor
+from ..quant.rotation import rotate
 from .recipes import ActivationSpec, Recipe, parse_recipe
 
 BACKENDS = ("auto", "reference")
@@ -24,7 +25,7 @@ def _version(t: torch.Tensor | None):
 
 
 class QuantLinear(nn.Module):
-    """y = act_quant(x) @ dequant(W)^T + b.
+    """y = act_quant(T(x)) @ dequant(W)^T + b.
 
     The weight lives in buffers ``weight_codes``, ``weight_scales`` (and
     ``weight_zeros``, ``weight_global_scale`` where the format has them) in the
@@ -32,7 +33,18 @@ class QuantLinear(nn.Module):
 
     backend "reference" dequantizes the weight (cached per dtype and device)
     and fake-quantizes the activations exactly as the low-bit kernel would;
-    "auto" is the reference until GPU kernels are registered.
+    "auto" runs weight-only recipes on CUDA with bf16/fp16 inputs through the
+    GPU kernels (``lowbit.kernels``: the dispatcher picks the kernel by shape,
+    as the custom op ``torch.ops.lowbit.weight_only_linear``), and everything
+    else (CPU, float32, activation-quantized recipes, formats without a kernel)
+    through the reference.
+
+    T is the input transform that AWQ/SmoothQuant and rotations leave behind when
+    they cannot fold it into the preceding operation, applied before activation
+    quantization: x -> x / input_scale (buffer ``input_scale`` [in], float32, per
+    input channel; absent when None), then x -> x R with R the block-wise Hadamard
+    rotation of ``rotation_block`` (lowbit.quant.rotation; None: no rotation). The
+    stored weight is then the quantized W diag(input_scale) R.
     """
 
     def __init__(
@@ -42,6 +54,8 @@ class QuantLinear(nn.Module):
         activation: ActivationSpec | None = None,
         backend: str = "auto",
         recipe: str | None = None,
+        input_scale: torch.Tensor | None = None,
+        rotation_block: int | None = None,
     ):
         super().__init__()
         if len(weight.shape) != 2 or weight.axis != 1:
@@ -63,16 +77,45 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        if input_scale is not None:
+            input_scale = input_scale.detach().to(torch.float32).reshape(-1)
+            if input_scale.numel() != self.in_features or not bool((input_scale > 0).all()):
+                raise ValueError(f"input_scale must hold {self.in_features} positive values")
+            self.register_buffer("input_scale", input_scale.clone())
+        else:
+            self.register_buffer("input_scale", None)
+        if rotation_block is not None:
+            from ..quant.rotation import rotation_blocks
+
+            rotation_blocks(self.in_features, int(rotation_block))  # checks it is a power of two
+            rotation_block = int(rotation_block)
+        self.rotation_block = rotation_block
+        # scales that AWQ/SmoothQuant folded into this layer's neighbours, for diagnostics only
+        # (effective_weight), not part of the state dict: the layer's input is already x / s
+        # (folded_input_scale), and its output rows were multiplied by folded_output_scale so
+        # that the next layer's input is scaled
+        self.folded_input_scale: torch.Tensor | None = None
+        self.folded_output_scale: torch.Tensor | None = None
         self._w_cache: tuple | None = None
+        self._pw_cache: tuple | None = None
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, recipe: Recipe | str, weight_options: dict | None = None, backend: str = "auto"
+        cls, linear: nn.Linear, recipe: Recipe | str, weight_options: dict | None = None, backend: str = "auto",
+        method_options: dict | None = None,
     ) -> "QuantLinear":
+        """Quantize one nn.Linear with a recipe whose methods need no data (-rtn, -hqq, -rot);
+        calibrated methods (-awq, -gptq, -smooth) go through ``lowbit.quantize_(model, recipe,
+        calibration=ids)``."""
         r = parse_recipe(recipe) if isinstance(recipe, str) else recipe
         opts = {**r.weight_options, **(weight_options or {})}
-        q = quantize_tensor(linear.weight.detach(), r.weight_fmt, **opts)
-        return cls(q, linear.bias, r.activation, backend=backend, recipe=r.name)
+        if r.method == "rtn" and r.transform is None:
+            q = quantize_tensor(linear.weight.detach(), r.weight_fmt, **opts)
+            return cls(q, linear.bias, r.activation, backend=backend, recipe=r.name)
+        from ..quant.methods import quantize_linear_weight
+
+        q, rot = quantize_linear_weight(linear.weight, r, opts, method_options)
+        return cls(q, linear.bias, r.activation, backend=backend, recipe=r.name, rotation_block=rot)
 
     @property
     def qweight(self) -> QTensor:
@@ -94,11 +137,30 @@ class QuantLinear(nn.Module):
             self._w_cache = (key, self.qweight.dequantize().to(dtype))
         return self._w_cache[1]
 
+    def effective_weight(self) -> torch.Tensor:
+        """The float32 weight [out, in] in the space of the layer's original input and
+        output: the dequantized weight with the input transforms undone, dequant(W) R^T
+        diag(1/s) (s: input_scale, or a scale folded into the preceding operation), and
+        rows scaled for a following layer restored. Used to measure weight error."""
+        from ..quant.rotation import rotate
+
+        w = self.qweight.dequantize()
+        if self.rotation_block is not None:
+            w = rotate(w.double(), self.rotation_block).float()  # R is symmetric: W R^T = W R
+        for s in (self.input_scale, self.folded_input_scale):
+            if s is not None:
+                w = w / s.to(w.device, torch.float32)[None, :]
+        if self.folded_output_scale is not None:
+            w = w / self.folded_output_scale.to(w.device, torch.float32)[:, None]
+        return w
+
     def _apply(self, fn, recurse=True):
         """Moves the weight parts between devices but never changes their dtypes:
         ``model.half()`` or ``model.to(torch.bfloat16)`` must not round the scales."""
         self._w_cache = None
-        names = [n for n in self._buffers if n.startswith("weight_") and self._buffers[n] is not None]
+        self._pw_cache = None
+        names = [n for n in self._buffers
+                 if (n.startswith("weight_") or n == "input_scale") and self._buffers[n] is not None]
         parts = {n: self._buffers.pop(n) for n in names}
         try:
             super()._apply(fn, recurse)
@@ -113,17 +175,59 @@ class QuantLinear(nn.Module):
             return x
         return fake_quantize(x, self.activation.fmt, **self.activation.options).to(x.dtype)
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x / input_scale, then the Hadamard rotation (each only where the layer has one)."""
+        if self.input_scale is not None:
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = (x.float() / self.input_scale).to(x.dtype)
+            else:
+                x = x / self.input_scale.to(x.dtype)
+        if self.rotation_block is not None:
+            x = rotate(x, self.rotation_block)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _ACT_DTYPES:
             raise TypeError(f"QuantLinear takes float32, float16, bfloat16 or float64 inputs, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
-        w = self.dequantized_weight(x.dtype)
+        x = self.transform_input(x)
         b = None if self.bias is None else self.bias.to(x.dtype)
+        if self._kernel_applies(x):
+            pw = self.packed_weight(x.dtype)
+            if pw.triton_supported:
+                from ..kernels.ops import weight_only_linear
+
+                return weight_only_linear(x, pw, b)
+        w = self.dequantized_weight(x.dtype)
         return F.linear(self.quantize_activation(x), w, b)
 
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        """backend "auto" on CUDA, bf16/fp16 input, weight-only recipe: the GPU kernels."""
+        return (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and self.activation.fmt is None)
+
+    def packed_weight(self, dtype: torch.dtype):
+        """The weight in the kernels' layout for ``dtype`` activations
+        (``lowbit.kernels.pack_weight``), made on first use and cached until a
+        weight part changes. It lives beside the canonical buffers (the state
+        dict keeps those): about twice the weight's bytes on the device."""
+        from ..kernels import pack_weight
+
+        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
+        key = (dtype, self.weight_codes.device, parts)
+        if self._pw_cache is None or self._pw_cache[0] != key:
+            self._pw_cache = None  # free the old packing first
+            self._pw_cache = (key, pack_weight(self.qweight, dtype=dtype))
+        return self._pw_cache[1]
+
     def extra_repr(self) -> str:
+        extra = ""
+        if self.input_scale is not None:
+            extra += ", input_scale=True"
+        if self.rotation_block is not None:
+            extra += f", rotation_block={self.rotation_block}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fmt}, "
-            f"activation={self.activation}, bias={self.bias is not None}, backend={self.backend}"
+            f"activation={self.activation}, bias={self.bias is not None}, backend={self.backend}{extra}"
         )

@@ -1,12 +1,26 @@
-"""Recipes: activation bits, weight bits, format, group, method, in one name.
+"""Recipes: activation bits, weight bits, format, group, methods, in one name.
 
     a16w4-int-g128      4-bit integer weights, group 128, bf16/fp16 activations
     a8w8-fp8            FP8 E4M3 weights per channel, FP8 activations per token
     a8w4-mxfp4          MXFP8 activations x MXFP4 weights
     a4w4-nvfp4          NVFP4 activations and weights
 
-An optional method suffix names the algorithm that picks scales and codes;
-`-rtn` (round to nearest) is the default.
+Optional method suffixes name the algorithms that pick scales and codes: at most
+one transform of the layer's input space, then at most one quantizer, in that order.
+
+    quantizers  -rtn    round to nearest (the default)
+                -hqq    HQQ: zero point (and scale) by a half-quadratic lp solver;
+                        integer formats; no data
+                -gptq   GPTQ: Hessian-based error compensation; needs calibration
+    transforms  -awq    AWQ: activation-aware per-input-channel scales (and clipping
+                        when the quantizer is rtn); integer and FP4 weights; needs
+                        calibration
+                -smooth SmoothQuant: activation outliers migrated into the weights;
+                        a8w8-* recipes only; needs calibration
+                -rot    block-wise Hadamard rotation of weights and activations
+                        (block 32; -rot128 for block 128); no data
+
+e.g. a16w4-int-g64-hqq, a16w4-int-g64-awq-gptq, a16w4-mxfp4-rot-gptq, a8w8-int8-smooth.
 """
 
 from __future__ import annotations
@@ -14,8 +28,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-METHODS = ("rtn",)
-PLANNED_METHODS = ("hqq", "awq", "gptq", "smooth", "rot")  # named in the scheme, not built yet
+QUANTIZERS = ("rtn", "hqq", "gptq")
+TRANSFORMS = ("awq", "smooth", "rot")
+METHODS = QUANTIZERS + TRANSFORMS
+CALIBRATED = ("awq", "gptq", "smooth")  # the methods that need calibration data
+ROT_BLOCK = 32  # the block of -rot; -rot<n> names another power of two
+_ROT = re.compile(r"rot(\d+)?")
 
 # weight part of a recipe -> (format, options for quantize_tensor)
 _WEIGHT_FORMATS = {
@@ -38,7 +56,7 @@ _ACTIVATIONS = {
     (4, "nvfp4"): ("nvfp4", {}),
 }
 
-_NAME = re.compile(r"^a(?P<a>16|8|4)w(?P<w>8|6|4|3|2)-(?P<body>[a-z0-9-]+?)(?:-(?P<method>[a-z]+))?$")
+_NAME = re.compile(r"^a(?P<a>16|8|4)w(?P<w>8|6|4|3|2)-(?P<rest>[a-z0-9]+(?:-[a-z0-9]+)*)$")
 
 EXAMPLES = (
     "a16w8-int8 a16w8-fp8 a16w4-int-g32 a16w4-int-g64 a16w4-int-g128 a16w3-int-g64 "
@@ -64,26 +82,68 @@ class Recipe:
     weight_fmt: str
     weight_options: dict
     activation: ActivationSpec
-    method: str = "rtn"
+    method: str = "rtn"  # the method suffix as written, canonical order (e.g. "rot-gptq"); "rtn" if none
+    quantizer: str = "rtn"  # rtn | hqq | gptq
+    transform: str | None = None  # awq | smooth | rot | None
+    rotation_block: int | None = None  # -rot: the Hadamard block along K
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantizer in CALIBRATED or self.transform in CALIBRATED
 
 
 def _fail(name: str, why: str) -> ValueError:
     return ValueError(
-        f"bad recipe {name!r}: {why}. Recipes read a<act bits>w<weight bits>-<format>[-g<group>][-<method>], "
-        f"e.g. {', '.join(EXAMPLES[:6])}; methods: {', '.join(METHODS)}"
+        f"bad recipe {name!r}: {why}. Recipes read a<act bits>w<weight bits>-<format>[-g<group>][-<method>...], "
+        f"e.g. {', '.join(EXAMPLES[:6])}, a16w4-int-g64-hqq, a16w4-mxfp4-rot-gptq; "
+        f"methods: transforms {', '.join(TRANSFORMS)} then quantizers {', '.join(QUANTIZERS)}"
     )
+
+
+def _split_methods(name: str, rest: str) -> tuple[str, list[str]]:
+    """'int-g64-awq-gptq' -> ('int-g64', ['awq', 'gptq']): trailing tokens that name methods."""
+    tokens = rest.split("-")
+    methods: list[str] = []
+    while len(tokens) > 1 and (tokens[-1] in METHODS or _ROT.fullmatch(tokens[-1])):
+        methods.insert(0, tokens.pop())
+    return "-".join(tokens), methods
+
+
+def _methods(name: str, methods: list[str]) -> tuple[str, str | None, int | None]:
+    quantizer, transform, block = None, None, None
+    for m in methods:
+        rot = _ROT.fullmatch(m)
+        kind = "rot" if rot else m
+        if kind in QUANTIZERS:
+            if quantizer:
+                raise _fail(name, f"two quantizers ({quantizer!r} and {m!r}); pick one of {', '.join(QUANTIZERS)}")
+            quantizer = m
+        else:
+            if transform:
+                raise _fail(name, f"two transforms ({transform!r} and {kind!r}); at most one of {', '.join(TRANSFORMS)}")
+            if quantizer:
+                raise _fail(name, f"the transform {m!r} must come before the quantizer {quantizer!r} "
+                                  f"(e.g. a16w4-mxfp4-rot-gptq)")
+            transform = kind
+            if rot:
+                if rot.group(1) is None:
+                    block = ROT_BLOCK
+                else:
+                    block = int(rot.group(1))
+                    if block == ROT_BLOCK:
+                        raise _fail(name, f"-rot already means block {ROT_BLOCK}; write -rot")
+                    if block < 2 or block & (block - 1) or block > 4096:
+                        raise _fail(name, f"the Hadamard block of -rot<n> must be a power of two in [2, 4096], got {block}")
+    return quantizer or "rtn", transform, block
 
 
 def parse_recipe(name: str) -> Recipe:
     m = _NAME.match(name) if isinstance(name, str) else None
     if not m:
         raise _fail(name, "it does not follow the naming scheme")
-    a_bits, w_bits, body, method = int(m["a"]), int(m["w"]), m["body"], m["method"] or "rtn"
-    if m["method"] in PLANNED_METHODS:
-        raise _fail(name, f"method {m['method']!r} is not available yet")
-    if m["method"] and m["method"] not in METHODS:
-        # the suffix may be part of the body (e.g. 'int-g64'); only a known method is split off
-        body, method = f"{body}-{m['method']}", "rtn"
+    a_bits, w_bits = int(m["a"]), int(m["w"])
+    body, methods = _split_methods(name, m["rest"])
+    quantizer, transform, rot_block = _methods(name, methods)
     group = None
     g = re.fullmatch(r"int-g(\d+)|int", body)
     if g:
@@ -112,4 +172,15 @@ def parse_recipe(name: str) -> Recipe:
         if key not in _ACTIVATIONS:
             raise _fail(name, f"{a_bits}-bit activations are not defined with {body} weights")
         act = ActivationSpec(*_ACTIVATIONS[key])
-    return Recipe(name=name, weight_fmt=fmt, weight_options=opts, activation=act, method=method)
+    integer = fmt.startswith("int")
+    if quantizer == "hqq" and not integer:
+        raise _fail(name, f"-hqq optimises integer weights (int8/int4/int3/int2), not {fmt}; "
+                          "for MX/NVFP4 weights use -gptq and/or -rot")
+    if transform == "smooth" and not (a_bits == 8 and w_bits == 8):
+        raise _fail(name, "-smooth (SmoothQuant) only applies to a8w8-* recipes, where activations are quantized "
+                          "too; for weight-only recipes use -awq")
+    if transform == "awq" and not (integer or fmt in ("mxfp4", "nvfp4")):
+        raise _fail(name, f"-awq applies to integer and FP4 (mxfp4, nvfp4) weights, not {fmt}")
+    method = "-".join(methods) if methods else "rtn"
+    return Recipe(name=name, weight_fmt=fmt, weight_options=opts, activation=act, method=method,
+                  quantizer=quantizer, transform=transform, rotation_block=rot_block)

@@ -33,6 +33,7 @@ class QuantReport:
     skipped: list[LayerReport] = field(default_factory=list)
     bytes_before: int = 0  # every nn.Linear weight and bias, as stored before
     bytes_after: int = 0  # the same layers after quantization
+    calibration: dict = field(default_factory=dict)  # calibrated methods: sequences, tokens, blocks, seconds
 
     @property
     def bits_per_weight(self) -> float:
@@ -51,8 +52,18 @@ class QuantReport:
             f"{self.bits_per_weight:.3f} bits/weight; linear layers {self.bytes_before / 2**20:.1f} MiB -> "
             f"{self.bytes_after / 2**20:.1f} MiB"
         )
-        notes = sorted({r.note for r in self.replaced if r.note})
+        notes = sorted({r.note for r in self.replaced if r.note and not r.note.startswith(_TRANSFORM_NOTES)})
         lines = [head] + [f"  note: {n}" for n in notes]
+        for kind in ("awq", "smooth"):
+            folded = sum(1 for r in self.replaced if r.note.startswith(f"{kind} scale") and "folded into" in r.note)
+            kept = sum(1 for r in self.replaced if r.note.startswith(f"{kind} scale") and "input_scale" in r.note)
+            if folded or kept:
+                lines.append(f"  {kind}: {folded} layers with the scale folded into the preceding operation, "
+                             f"{kept} keep it as input_scale")
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"  calibration: {c.get('sequences')} sequences, {c.get('tokens')} tokens, "
+                         f"{c.get('blocks')} blocks, {c.get('seconds', 0):.0f} s")
         if self.skipped:
             lines.append(
                 format_table(
@@ -61,6 +72,9 @@ class QuantReport:
                 )
             )
         return "\n".join(lines)
+
+
+_TRANSFORM_NOTES = ("awq scale", "smooth scale")
 
 
 def _matches(name: str, patterns: Iterable[str]) -> str | None:
@@ -88,6 +102,8 @@ def quantize_(
     weight_options: dict | None = None,
     backend: str = "auto",
     progress: bool = True,
+    calibration=None,
+    method_options: dict | None = None,
 ) -> QuantReport:
     """Replace, in place, every nn.Linear of ``model`` that the filter admits.
 
@@ -99,14 +115,23 @@ def quantize_(
     A module registered under several names (shared) is quantized once and the
     same QuantLinear is put under every name.
     weight_options: extra options for the weight format (e.g. zero_point="integer").
+    calibration: token ids, a LongTensor [n, seq] (or a list of LongTensors), for
+        the methods that need data (-awq, -gptq, -smooth); the model runs on them
+        block by block (lowbit.quant.calibration).
+    method_options: per-method options, e.g. {"gptq": {"act_order": True,
+        "static_groups": True}, "hqq": {"optimize_scale": True}} (defaults:
+        lowbit.quant.methods.METHOD_OPTIONS).
     """
     if isinstance(model, nn.Linear):
         raise ValueError(
             "quantize_ replaces the linear layers inside a model; for a lone nn.Linear use "
             "lowbit.QuantLinear.from_linear(layer, recipe)"
         )
+    from ..quant.methods import check_method_options
+
     base = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     overrides = {p: (parse_recipe(r) if isinstance(r, str) else r) for p, r in (overrides or {}).items()}
+    check_method_options(method_options)
     report = QuantReport(recipe=base.name, weight_options=dict(weight_options or {}))
     plan: list[tuple[str, nn.Linear, Recipe]] = []
     first_name: dict[int, str] = {}
@@ -138,36 +163,64 @@ def quantize_(
             continue
         plan.append((name, module, chosen))
 
-    bar = None
-    if progress and plan:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan), desc=f"quantize {base.name}", unit="layer", leave=False)
-    made: dict[int, QuantLinear] = {}
-    for name, module, chosen in plan:
-        if bar:
-            bar.update()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if id(module) in made or id(module) in first_name and first_name[id(module)] != name:
-            # a second name of a shared module: the same replacement (or none) as the first
-            q = made.get(id(module))
-            if q is None:
-                continue
-            setattr(parent, child, q)
-            report.replaced.append(LayerReport(name, q.out_features, q.in_features, q.recipe,
-                                               q.qweight.bits_per_element, f"same module as {first_name[id(module)]}"))
-            continue
-        q = QuantLinear.from_linear(module, chosen, weight_options, backend=backend)
-        made[id(module)] = q
-        setattr(parent, child, q)
-        report.replaced.append(
-            LayerReport(
-                name, q.out_features, q.in_features, chosen.name, q.qweight.bits_per_element,
-                _tail_note(q.in_features, q.tile[1]),
-            )
+    needy = sorted({c.name for _, _, c in plan if c is not None and c.needs_calibration})
+    if needy and calibration is None:
+        methods = sorted({m for c in needy for m in parse_recipe(c).method.split("-") if m in ("awq", "gptq", "smooth")})
+        raise ValueError(
+            f"recipe {needy[0]!r} uses {', '.join('-' + m for m in methods)}, which needs calibration data: pass "
+            "calibration=ids to quantize_ (ids: a LongTensor [n, seq] of token ids, or a list of them; "
+            "`lowbit eval` builds it from the calibration half of its corpus or --calibration-text FILE)"
         )
-        report.bytes_after += q.qweight.nbytes + _tensor_bytes(q.bias)
-    if bar:
-        bar.close()
+
+    made: dict[int, QuantLinear] = {}
+    names_of: dict[int, list[str]] = {}
+    for name, module, chosen in plan:
+        names_of.setdefault(id(module), []).append(name)
+
+    def install(name: str, module: nn.Linear, q: QuantLinear, note: str = "") -> None:
+        """Put ``q`` under every name of ``module`` and record it."""
+        made[id(module)] = q
+        for i, n in enumerate(names_of[id(module)]):
+            parent_name, _, child = n.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, q)
+            if i == 0:
+                full_note = "; ".join(x for x in (note, _tail_note(q.in_features, q.tile[1])) if x)
+                report.replaced.append(LayerReport(n, q.out_features, q.in_features, q.recipe,
+                                                   q.qweight.bits_per_element, full_note))
+                report.bytes_after += q.qweight.nbytes + _tensor_bytes(q.bias, q.input_scale)
+            else:
+                report.replaced.append(LayerReport(n, q.out_features, q.in_features, q.recipe,
+                                                   q.qweight.bits_per_element, f"same module as {names_of[id(module)][0]}"))
+
+    # the first name of every distinct module that is quantized
+    firsts = [(name, module, chosen) for name, module, chosen in plan
+              if chosen is not None and first_name.get(id(module)) == name]
+    if needy:
+        from ..quant.calibration import Target, quantize_calibrated
+
+        targets = [Target(name, module, chosen, weight_options) for name, module, chosen in firsts]
+
+        def install_target(t, q, note=""):
+            install(t.name, t.module, q, note)
+
+        report.calibration = quantize_calibrated(
+            model, targets, calibration, weight_options, method_options, install_target, backend=backend,
+            progress=progress)
+    else:
+        bar = None
+        if progress and firsts:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(firsts), desc=f"quantize {base.name}", unit="layer", leave=False)
+        for name, module, chosen in firsts:
+            q = QuantLinear.from_linear(module, chosen, weight_options, backend=backend, method_options=method_options)
+            install(name, module, q)
+            if bar:
+                bar.update()
+        if bar:
+            bar.close()
+    # order the rows as the model names them
+    order = {n: i for i, (n, _, _) in enumerate(plan)}
+    report.replaced.sort(key=lambda r: order.get(r.name, len(order)))
     return report
