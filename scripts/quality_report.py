@@ -314,7 +314,9 @@ def main() -> int:
     p.add_argument("--cache", default=str(ROOT / "build" / "quality_cache.json"))
     p.add_argument("--fresh", action="store_true", help="measure again rows already in the cache")
     p.add_argument("--write-only", action="store_true", help="write the documents from the cache, measure nothing")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on 2 shared cores, two threads ran the calibrated "
+                        "methods 3x slower than one)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cache_path = Path(args.cache)

@@ -159,9 +159,10 @@ def test_cli_quantize_check_export(src, tmp_path, capsys):
     assert main(["quantize", str(src), "--recipe", "a16w4-int-g32", "--out", str(out)]) == 0
     assert "21 linear layers quantized" in capsys.readouterr().out
     assert main(["check", str(out), "--tp", "2"]) == 0
-    assert main(["check", str(out), "--tp", "8"]) == 1  # 2 key/value heads cannot be cut 8 ways ... nor K
+    assert main(["check", str(out), "--tp", "8"]) == 1  # 4 query heads cannot be cut 8 ways
     text = capsys.readouterr().out
-    assert "do NOT split cleanly" in text and "model.layers.{0..2}.mlp.down_proj" in text
+    assert "3 layer(s) do NOT split cleanly" in text and "4 attention heads cannot be split 8 ways" in text
+    assert "model.layers.{0..2}.self_attn.q_proj (3)" in text
     ctdir = tmp_path / "ct"
     assert main(["export", str(out), str(ctdir), "--convert"]) == 0  # lowbit's float zero points: converted
     text = capsys.readouterr().out

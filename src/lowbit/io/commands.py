@@ -176,7 +176,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not any(l.fmt for l in layers):
         raise ValueError(f"no quantized layer in {args.dir or args.model}: give --recipe to check how it "
                          "would be quantized")
-    report = tp.check(layers, args.tp, engines=tuple(args.engine), activations=acts)
+    report = tp.check(layers, args.tp, engines=tuple(args.engine), activations=acts, strict=args.strict)
     print(report)
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -230,6 +230,8 @@ def add_commands(sub) -> None:
     c.add_argument("--symmetric", action="store_true", help=argparse.SUPPRESS)
     c.add_argument("--engine", nargs="+", default=["lowbit", "vllm"], choices=("lowbit", "vllm"),
                    help="whose kernel constraints to check (default: both)")
+    c.add_argument("--strict", action="store_true",
+                   help="fail on warnings too (shards that vLLM's fast kernels refuse), not only on cut groups")
     c.add_argument("--json", metavar="FILE", help="also write the per-layer results as JSON")
     c.set_defaults(func=cmd_check)
 

@@ -154,7 +154,7 @@ class GGUFSource:
         self.reader = gguf.GGUFReader(str(self.path))
         arch = (read_field(self.reader, "general.architecture") or [None])[0]
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
-        mapping = get_gguf_hf_weights_map(meta, self.processor)
+        mapping = self._name_map(meta, arch) or get_gguf_hf_weights_map(meta, self.processor)
         self._tensors = {}
         for t in self.reader.tensors:
             if t.name in mapping:
@@ -165,6 +165,28 @@ class GGUFSource:
 
     def hf_config(self):
         return self._hf_config
+
+    def _name_map(self, meta, arch) -> dict | None:
+        """GGUF name -> Hugging Face name from one gguf tensor-name map over the model's
+        state_dict (what transformers' get_gguf_hf_weights_map does first, without its
+        slow walk over every submodule); None when a GGUF tensor stays unmapped."""
+        try:
+            from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        except ImportError:  # pragma: no cover
+            return None
+        key = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+        if key is None:
+            return None
+        nmap = get_tensor_name_map(key, self._hf_config.num_hidden_layers)
+        out = {}
+        for hf in meta.state_dict():
+            base, _, suffix = hf.rpartition(".")
+            g = nmap.get_name(base)
+            if g is not None:
+                out[f"{g}.{suffix}"] = hf
+        if any(t.name not in out for t in self.reader.tensors):
+            return None
+        return out
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -423,6 +445,9 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
         rep = tpmod.check(specs, tp, activations={l: act.fmt for l in shapes})
         if not rep.ok:
             raise QuantizeError(f"refusing to quantize for tensor parallel {tp}:\n{rep}")
+        tp_warnings = len(rep.warnings)
+    else:
+        tp_warnings = 0
 
     # resume bookkeeping
     partial = out / PARTIAL
@@ -590,6 +615,9 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
         res.notes.append(f"{len(notes)} conversion(s): " + "; ".join(notes[:3]) + (" ..." if len(notes) > 3 else ""))
     if not aux:
         res.notes.append("the source has no tokenizer files: none copied")
+    if tp_warnings:
+        res.notes.append(f"tensor parallel {tp}: {tp_warnings} layer(s) split cleanly but miss vLLM's Marlin kernel "
+                         f"tiles (a slower kernel serves them): lowbit check {out} --tp {tp}")
     if export == "compressed-tensors" and any(not s["weights"].get("symmetric", True)
                                               for s in all_schemes.values()):
         res.notes.append(ct.AFFINE_NOTE)

@@ -57,7 +57,7 @@ class LinearSpec:
 
 @dataclass
 class Issue:
-    severity: str  # "error" | "note"
+    severity: str  # "error" (cannot be served correctly) | "warning" (an engine's fast kernel refuses it) | "note"
     what: str
     fix: str = ""
 
@@ -70,6 +70,7 @@ class LayerCheck:
 
     @property
     def ok(self) -> bool:
+        """No error (warnings: see TPReport.strict)."""
         return not any(i.severity == "error" for i in self.issues)
 
 
@@ -79,22 +80,32 @@ class TPReport:
     layers: list[LayerCheck]
     engines: tuple[str, ...]
 
+    strict: bool = False  # warnings count as failures
+
     @property
     def ok(self) -> bool:
-        return all(l.ok for l in self.layers)
+        return not self.failures
 
     @property
     def failures(self) -> list[LayerCheck]:
-        return [l for l in self.layers if not l.ok]
+        bad = ("error", "warning") if self.strict else ("error",)
+        return [l for l in self.layers if any(i.severity in bad for i in l.issues)]
+
+    @property
+    def warnings(self) -> list[LayerCheck]:
+        return [l for l in self.layers if any(i.severity == "warning" for i in l.issues)]
 
     def __str__(self) -> str:
         from ..table import format_table
 
         quant = [l for l in self.layers if l.spec.fmt]
         bad = self.failures
+        warn = self.warnings
         head = (f"tensor parallel {self.tp}: {len(self.layers)} linear layers checked ({len(quant)} quantized), "
-                + ("every split falls on group, block, head and kernel-tile boundaries" if not bad
-                   else f"{len(bad)} layer(s) do NOT split cleanly"))
+                + ("every split falls on group, block and head boundaries" if not bad
+                   else f"{len(bad)} layer(s) do NOT split cleanly")
+                + (f"; {len(warn)} layer(s) miss an engine's kernel tiles (warnings)" if warn
+                   else "; every shard fits the kernels' tiles" if not bad else ""))
         lines = [head]
         # one row per distinct (problem, shape) so that 80 identical layers take one line
         rows: dict[tuple, list[str]] = {}
@@ -106,11 +117,15 @@ class TPReport:
                 rows.setdefault(key, []).append(l.spec.name)
         if rows:
             table = []
-            for (sev, split, shape, shard, fmt, what, fix), names in sorted(rows.items(), key=lambda kv: kv[0][0]):
+            order = {"error": 0, "warning": 1, "note": 2}
+            for (sev, split, shape, shard, fmt, what, fix), names in sorted(rows.items(), key=lambda kv: order[kv[0][0]]):
                 shown = _compact(names)
                 table.append([sev.upper(), shown, split, shape, shard, fmt, what + (f" -> fix: {fix}" if fix else "")])
             lines.append(format_table(["", "layers", "split", "N x K", "per GPU", "format", "problem"], table))
-        lines.append(f"checked for: {', '.join(self.engines)} (lowbit kernels: notes only, they pad)")
+        lines.append(f"checked for: {', '.join(self.engines)} (errors: a scale group, block or head cut between GPUs; "
+                     "warnings: vLLM's Marlin kernels refuse the shard and vLLM falls back to a slower kernel, or "
+                     "refuses the layer where Marlin is its only one; notes: lowbit's kernels pad)"
+                     + ("; --strict: warnings fail" if self.strict else ""))
         return "\n".join(lines)
 
 
@@ -195,13 +210,16 @@ def check_layer(spec: LinearSpec, tp: int, engines=("lowbit", "vllm"), activatio
         dim_total = n
         replicated = False
         if spec.heads and spec.head_dim:
+            kv = spec.name.rsplit(".", 1)[-1] in ("k_proj", "v_proj")
             if spec.heads % tp == 0:
                 pass
-            elif tp % spec.heads == 0:
+            elif kv and tp % spec.heads == 0:
                 replicated = True  # vLLM replicates key/value heads when tp exceeds them
             else:
-                issues.append(Issue("error", f"{spec.heads} heads cannot be split {tp} ways",
-                                    f"a tp that divides {spec.heads} (or a multiple of it for key/value heads)"))
+                what = "key/value heads" if kv else "attention heads"
+                issues.append(Issue("error", f"{spec.heads} {what} cannot be split {tp} ways",
+                                    f"a tp that divides {spec.heads}" + (" (or a multiple of it)" if kv else "")))
+                return LayerCheck(spec, None, issues)
         if not replicated and n % tp:
             issues.append(Issue("error", f"N={n} is not divisible by tp={tp}", _tp_fix(n, 1, tp)))
             return LayerCheck(spec, None, issues)
@@ -253,20 +271,22 @@ def check_layer(spec: LinearSpec, tp: int, engines=("lowbit", "vllm"), activatio
                 if v % m:
                     total = n if dim == "N" else k
                     fallback = "pad K (zero input columns)" if dim == "K" else "a smaller tp"
-                    issues.append(Issue("error", f"vLLM's Marlin kernels need {dim} per GPU a multiple of {m}, "
-                                                 f"got {v}", _tp_fix(total, m, tp) or fallback))
+                    issues.append(Issue("warning", f"vLLM's Marlin kernels need {dim} per GPU a multiple of {m}, "
+                                                   f"got {v}", _tp_fix(total, m, tp) or fallback))
             if spec.fmt.startswith("int") and spec.tile and not _per_row(spec) and spec.tile[1] not in (32, 64, 128):
-                issues.append(Issue("error", f"vLLM's Marlin kernels take groups of 32, 64, 128 or per channel, "
-                                             f"not {spec.tile[1]}", "group 128"))
+                issues.append(Issue("warning", f"vLLM's Marlin kernels take groups of 32, 64, 128 or per channel, "
+                                               f"not {spec.tile[1]}", "group 128"))
     return LayerCheck(spec, shard, issues)
 
 
 def check(layers: list[LinearSpec], tp: int, engines=("lowbit", "vllm"),
-          activations: dict[str, str | None] | None = None) -> TPReport:
+          activations: dict[str, str | None] | None = None, strict: bool = False) -> TPReport:
+    """Check an N-way split of every layer. ``strict``: warnings (kernel tiles an engine
+    wants) fail too, not only splits that cut a scale group, block or head."""
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     acts = activations or {}
-    return TPReport(tp, [check_layer(s, tp, engines, acts.get(s.name)) for s in layers], tuple(engines))
+    return TPReport(tp, [check_layer(s, tp, engines, acts.get(s.name)) for s in layers], tuple(engines), strict)
 
 
 # ------------------------------------------------------------------ where the shapes come from
