@@ -19,6 +19,7 @@
 #   LOWBIT_STEPS      which steps to run, in this order (default "tests decode bench";
 #                     also "sweep" and "tune": lowbit tune on the benchmark's shapes, whose
 #                     cache file is copied to $OUT for kernels/tuned/)
+#   LOWBIT_TUNE_SHAPES, LOWBIT_TUNE_RECIPES, LOWBIT_TUNE_M, LOWBIT_TUNE_S: what "tune" covers
 #   LOWBIT_WHEELS     folder with an optional gemlite wheel (default: .whl/, git-ignored:
 #                     carry it). Without it the gemlite peer is reported as unavailable.
 #   PYTHON            the interpreter (default: python, else python3)
@@ -54,7 +55,8 @@ esac
 case " $STEPS " in *" tune "*)
   # the shipped H200 table: the benchmark's and the decode model's shapes
   "$PY" -m lowbit tune --model "${LOWBIT_TUNE_SHAPES:-llama3-8b,llama3-70b.down,smollm2-135m.gate_up,128256x4096}" \
-    --recipe a16w4-int-g128 a16w4-mxfp4 a16w8-int8 --m 1,16,128,1024,8192 --budget-s "${LOWBIT_TUNE_S:-240}" \
+    --recipe ${LOWBIT_TUNE_RECIPES:-a16w4-int-g128 a16w4-mxfp4 a16w8-int8} --m "${LOWBIT_TUNE_M:-1,16,128,1024,8192}" \
+    --budget-s "${LOWBIT_TUNE_S:-240}" \
     > "$OUT/tune.log" 2>&1
   r=$?; rc=$(( rc || r )); tail -n 3 "$OUT/tune.log"; cp "$HOME"/.cache/lowbit/tuning/*.json "$OUT/" 2>/dev/null
   echo "tune: exit $r after $(( SECONDS - start )) s" ;;

@@ -116,8 +116,9 @@ def test_rel_err():
 
 
 def test_peers_registry():
-    assert set(PEERS) == {"tinygemm-w4g128", "gemlite-w4g128", "cublas-fp8-rowwise"}
-    assert select_peers("none") == [] and len(select_peers(None)) == 3
+    assert set(PEERS) == {"tinygemm-w4g128", "gemlite-w4g128", "cublas-fp8-rowwise", "gemlite-a8w8-fp8",
+                          "gemlite-a8w8-int8"}
+    assert select_peers("none") == [] and len(select_peers(None)) == 5
     assert [p.method for p in select_peers("tinygemm-w4g128")] == ["peer:tinygemm-w4g128"]
     with pytest.raises(ValueError, match="tinygemm-w4g128"):
         select_peers("marlin")
@@ -167,7 +168,7 @@ def test_markdown_table(tmp_path):
     info = {"command": "python -m lowbit.bench.run --out X", "timing": "CUDA graph"}
     md = markdown(META, fake_rows(), skipped, failed, info)
     lines = md.splitlines()
-    assert lines[0] == "# Weight-only matmul speed on NVIDIA H200"
+    assert lines[0] == "# Quantized matmul speed on NVIDIA H200"
     assert "- command: `python -m lowbit.bench.run --out X`" in lines
     assert any("commit: abc123" in line and "2026-11-29" in line for line in lines)
     assert "| shape (N x K) | M | bf16 us | lowbit:a16w4-int-g128 | peer:tinygemm-w4g128 |" in lines
@@ -198,7 +199,7 @@ def test_cpu_dry_run_builds_rows_and_files(tmp_path):
     result = run_bench(
         shapes="96x256",
         ms=[1, 3],
-        recipes=["a16w4-int-g128", "a8w8-int8"],
+        recipes=["a16w4-int-g128", "a8w8-int8", "a4w4-nvfp4"],
         peers=None,
         out_dir=str(tmp_path),
         device="cpu",
@@ -208,7 +209,7 @@ def test_cpu_dry_run_builds_rows_and_files(tmp_path):
         log=logs.append,
     )
     by = {(r["method"], r["m"]): r for r in result}
-    assert set(by) == {("bf16", 1), ("bf16", 3), ("lowbit:a16w4-int-g128", 1), ("lowbit:a16w4-int-g128", 3)}
+    assert set(by) == {(m, b) for m in ("bf16", "lowbit:a16w4-int-g128", "lowbit:a8w8-int8") for b in (1, 3)}
     for r in result:
         assert list(r) == list(ROW_KEYS)
         assert (r["shape"], r["n"], r["k"]) == ("custom.96x256", 96, 256)
@@ -219,13 +220,13 @@ def test_cpu_dry_run_builds_rows_and_files(tmp_path):
     )
     assert not result.failed
     reasons = {s["method"]: s["reason"] for s in result.skipped}
-    assert "quantizes activations" in reasons["lowbit:a8w8-int8"]
+    assert "no A8W8 kernel" in reasons["lowbit:a4w4-nvfp4"]
     for peer in PEERS.values():
         assert "CUDA" in reasons[peer.method]
     doc = json.loads((tmp_path / "cpu.json").read_text())
-    assert list(doc) == list(TOP_KEYS) and len(doc["rows"]) == 4 and doc["torch"] == torch.__version__
+    assert list(doc) == list(TOP_KEYS) and len(doc["rows"]) == 6 and doc["torch"] == torch.__version__
     md = (tmp_path / "cpu.md").read_text()
-    assert "pytest dry run" in md and "## Skipped" in md and "quantizes activations" in md
+    assert "pytest dry run" in md and "## Skipped" in md and "no A8W8 kernel" in md
 
 
 def test_a_recipe_the_backend_cannot_run_is_skipped_not_a_crash(monkeypatch):

@@ -6,6 +6,8 @@
                               4-bit affine, group 128, bf16 scales and zeros
     peer:cublas-fp8-rowwise   torch._scaled_mm, FP8 E4M3 weights per row, activations
                               quantized per row in plain torch on every call (unfused)
+    peer:gemlite-a8w8-fp8     gemlite's A8W8 FP8 / INT8 (dynamic per-token activations,
+    peer:gemlite-a8w8-int8    per-channel weights), optional like the one below
     peer:gemlite-w4g128       gemlite's A16W4 (HQQ convention (q - z) * s), group 128,
                               its shipped H100 autotune configs loaded on Hopper (GPU.md);
                               optional: unavailable with the reason when not installed
@@ -324,9 +326,52 @@ class CublasFp8(Peer):
         )
 
 
+class GemliteA8W8(Gemlite):
+    """gemlite's A8W8 with dynamic per-token activations and per-channel weights
+    (A8W8_fp8_dynamic / A8W8_int8_dynamic), quantizing the bf16 weight itself."""
+
+    def __init__(self, fp8: bool):
+        self.fp8 = fp8
+        self.name = "gemlite-a8w8-fp8" if fp8 else "gemlite-a8w8-int8"
+        self.description = f"gemlite A8W8_{'fp8' if fp8 else 'int8'}_dynamic, per-token x per-channel"
+
+    def prepare(self, w: torch.Tensor) -> Prepared:
+        _need_cuda(w, "gemlite")
+        self._import()
+        from gemlite.helper import A8W8_fp8_dynamic, A8W8_int8_dynamic
+
+        n, k = w.shape
+        qmax = 448.0 if self.fp8 else 127.0
+
+        def quant_rows(t: torch.Tensor):
+            # its rule: s = max(amax / qmax, 1e-6), codes clamped (FP8 cast, or rounded int8)
+            s = (t.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-6)
+            v = (t.float() / s).clamp(-qmax, qmax)
+            v = v.to(torch.float8_e4m3fn).double() if self.fp8 else v.round().double()
+            return v * s.double()
+
+        w64 = quant_rows(w)
+        dev = str(w.device)
+        cls = A8W8_fp8_dynamic if self.fp8 else A8W8_int8_dynamic
+
+        def make():
+            layer = cls(device=dev, dtype=torch.bfloat16).from_weights(w.clone())
+            return lambda x: layer(x)
+
+        return Prepared(
+            method=self.method,
+            make=make,
+            reference=lambda x: quant_rows(x) @ w64.t(),
+            weight_bytes=n * k + 4 * n,
+            flops_rate=FP8_FLOPS,
+            checked_against="float64 (its quantized activations) @ (its quantized weight)^T",
+        )
+
+
 # gemlite last: where its shipped configs miss a shape it autotunes (slow), and the
 # harness's time budget is checked between methods
-PEERS: dict[str, Peer] = {p.name: p for p in (Tinygemm(), CublasFp8(), Gemlite())}
+PEERS: dict[str, Peer] = {p.name: p for p in (Tinygemm(), CublasFp8(), Gemlite(), GemliteA8W8(True),
+                                                GemliteA8W8(False))}
 
 
 def select_peers(spec: str | list | tuple | None = None) -> list[Peer]:

@@ -1,4 +1,4 @@
-"""The benchmark: lowbit's weight-only matmul vs bf16 cuBLAS and peers, on real shapes.
+"""The benchmark: lowbit's quantized matmuls (weight-only and A8W8) vs bf16 cuBLAS and peers, on real shapes.
 
     python -m lowbit.bench.run --out docs/perf                      # the default set
     python -m lowbit.bench.run --shapes llama3-8b.gate_up,llama3-70b.down --m 1,16,128
@@ -11,7 +11,9 @@ each M, the activations N(0, 1) in bf16 (seeded; never zeros). Then, in this ord
 
 1. bf16 cuBLAS (F.linear): the baseline of every speed-up, timed first in the run;
 2. each lowbit recipe: lowbit.quantize_tensor(w, recipe's weight format and options)
-   -> kernels.pack_weight -> kernels.weight_only_matmul(x, pw, backend=...);
+   -> kernels.pack_weight -> kernels.weight_only_matmul(x, pw, backend=...); an
+   a8w8 recipe -> kernels.a8w8.pack_a8w8 -> a8w8_matmul (activation quantization in
+   every timing);
 3. each peer (peers.py).
 
 Every method's output is checked before it is timed, on every M: rel_err =
@@ -57,9 +59,9 @@ import torch
 
 from .peers import TOL, Peer, PeerUnavailable, Prepared, bf16_baseline, f64_linear, rel_err, select_peers
 from .shapes import M_VALUES, Shape, describe_registry, parse_ms, select_shapes
-from .timing import nominal_weight_bytes, roofline_pct, rotation_copies, time_cuda_graph, time_eager
+from .timing import FP8_FLOPS, nominal_weight_bytes, roofline_pct, rotation_copies, time_cuda_graph, time_eager
 
-DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w8-int8")
+DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w8-int8", "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128")
 TOP_KEYS: tuple[str, ...] = ("gpu", "date", "commit", "torch", "triton", "rows")
 ROW_KEYS: tuple[str, ...] = ("shape", "n", "k", "m", "method", "us", "speedup_vs_bf16", "roofline_pct", "rel_err")
 DEFAULT_L2 = 50 * 2**20
@@ -85,9 +87,7 @@ def lowbit_method(recipe: str, w: torch.Tensor, backend: str = "auto") -> Prepar
 
     rc = parse_recipe(recipe)
     if rc.activation.fmt is not None:
-        raise PeerUnavailable(
-            f"{recipe} quantizes activations ({rc.activation}); this harness times weight-only (a16w*) recipes"
-        )
+        return a8w8_method(recipe, rc, w, backend)
     try:
         from ..kernels import pack_weight, weight_only_matmul, weight_only_matmul_reference
     except Exception as e:
@@ -126,6 +126,43 @@ def lowbit_method(recipe: str, w: torch.Tensor, backend: str = "auto") -> Prepar
         first=bind(pw),
         precheck=precheck,
         extra_checks=[("weight_only_matmul_reference vs float64 x @ qt.dequantize()^T", vs_float64)],
+    )
+
+
+def a8w8_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepared:
+    """An activation-quantized recipe: the activation quantization kernel and the
+    A8W8 GEMM, both inside every timing."""
+    from ..formats import quantize_tensor
+    from ..kernels.a8w8 import a8w8_matmul, a8w8_reference, a8w8_unsupported, dequantized_weight, pack_a8w8
+    from ..kernels.act_quant import quantize_activation_reference
+
+    qt = quantize_tensor(w, rc.weight_fmt, **rc.weight_options)
+    why = a8w8_unsupported(qt) if rc.activation.fmt == rc.weight_fmt else f"{rc.activation.fmt} activations"
+    if why is not None:
+        raise PeerUnavailable(f"no A8W8 kernel for {recipe} ({why}) yet")
+    device = w.device
+    pa = pack_a8w8(qt, device)
+    kb = "auto" if backend == "auto" else ("reference" if backend == "reference" else "triton")
+
+    def bind(p):
+        return lambda x: a8w8_matmul(x, p, backend=kb)
+
+    def vs_float64(x, y_ref):
+        codes, sa = quantize_activation_reference(x, pa.fmt, pa.act_group)
+        a = codes.view(torch.float8_e4m3fn).double() if pa.fmt == "fp8_e4m3" else codes.double()
+        a = a * (sa.double()[:, None] if pa.act_group is None else sa.double().repeat_interleave(128, 1))
+        return rel_err(y_ref, a[:, : pa.k] @ dequantized_weight(pa).double().T)
+
+    return Prepared(
+        method=f"lowbit:{recipe}",
+        make=lambda: bind(pack_a8w8(qt, device)),
+        reference=lambda x: a8w8_reference(x, pa).double(),
+        weight_bytes=nominal_weight_bytes(qt),
+        flops_rate=FP8_FLOPS,
+        checked_against="a8w8_reference (the same activation quantization, float32 products; cross-checked "
+                        "against float64)",
+        first=bind(pa),
+        extra_checks=[("a8w8_reference vs float64", vs_float64)],
     )
 
 
@@ -466,7 +503,7 @@ def markdown(meta: dict, rows: list[dict], skipped=(), failed=(), info: dict | N
     failed_keys = {(f["shape"], f["m"], f["method"]) for f in failed}
     skipped_keys = {(s["shape"], s["m"], s["method"]) for s in skipped}
     out = [
-        f"# Weight-only matmul speed on {meta.get('gpu')}",
+        f"# Quantized matmul speed on {meta.get('gpu')}",
         "",
         f"- GPU: {meta.get('gpu')}; torch {meta.get('torch')}; triton {meta.get('triton')}",
         f"- date: {meta.get('date')}; commit: {meta.get('commit')}",

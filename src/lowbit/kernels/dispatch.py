@@ -295,7 +295,13 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
     for recipe in recipes:
         r = parse_recipe(recipe)
         if r.activation.fmt is not None:
-            raise ValueError(f"{recipe}: tune covers weight-only (a16w*) recipes")
+            from .a8w8 import tune_a8w8
+
+            def budget_left():
+                return budget_s is None or time.time() - t0 <= budget_s
+
+            tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=log, budget_left=budget_left, bar=bar)
+            continue
         for n, k in shapes:
             w = torch.randn(n, k, device=device, generator=gen, dtype=torch.float32) * 0.02
             pw = pack_weight(quantize_tensor(w, r.weight_fmt, **r.weight_options), dtype=dtype)

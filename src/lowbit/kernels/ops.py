@@ -53,3 +53,32 @@ def weight_only_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | N
     return torch.ops.lowbit.weight_only_linear(
         x, pw.codes, pw.scales, pw.biases, bias, pw.fmt, pw.n, pw.k, lay.family, lay.bits, lay.group, lay.kpad, lay.npad
     )
+
+
+@torch.library.custom_op("lowbit::a8w8_linear", mutates_args=())
+def _a8w8_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    n: int,
+    k: int,
+    blockwise: bool,
+) -> torch.Tensor:
+    from .a8w8 import PackedA8W8, a8w8_matmul
+
+    pa = PackedA8W8(fmt, n, k, codes, scales, blockwise)
+    return a8w8_matmul(x, pa, bias, input_scale, backend="auto" if x.is_cuda else "triton")
+
+
+@_a8w8_linear.register_fake
+def _(x, codes, scales, input_scale, bias, fmt, n, k, blockwise):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def a8w8_linear(x: torch.Tensor, pa, bias: torch.Tensor | None = None,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``a8w8_matmul(x, pa, bias, input_scale)`` through the custom op."""
+    return torch.ops.lowbit.a8w8_linear(x, pa.codes, pa.scales, input_scale, bias, pa.fmt, pa.n, pa.k, pa.blockwise)

@@ -35,9 +35,11 @@ class QuantLinear(nn.Module):
     and fake-quantizes the activations exactly as the low-bit kernel would;
     "auto" runs weight-only recipes on CUDA with bf16/fp16 inputs through the
     GPU kernels (``lowbit.kernels``: the dispatcher picks the kernel by shape,
-    as the custom op ``torch.ops.lowbit.weight_only_linear``), and everything
-    else (CPU, float32, activation-quantized recipes, formats without a kernel)
-    through the reference.
+    as the custom op ``torch.ops.lowbit.weight_only_linear``), a8w8-fp8 and
+    a8w8-int8 recipes through the A8W8 kernels (``torch.ops.lowbit.a8w8_linear``:
+    activation quantization, then the FP8/INT8 tensor-core GEMM), and everything
+    else (CPU, float32, the MX/NVFP4 activation recipes, formats without a
+    kernel) through the reference.
 
     T is the input transform that AWQ/SmoothQuant and rotations leave behind when
     they cannot fold it into the preceding operation, applied before activation
@@ -191,6 +193,14 @@ class QuantLinear(nn.Module):
             raise TypeError(f"QuantLinear takes float32, float16, bfloat16 or float64 inputs, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+        if self._a8w8_applies(x):
+            from ..kernels.ops import a8w8_linear
+
+            # x / input_scale is fused into the activation quantization; a rotation is not
+            fused = self.rotation_block is None
+            xt = x if fused else self.transform_input(x)
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return a8w8_linear(xt, self.packed_a8w8(), b, self.input_scale if fused else None)
         x = self.transform_input(x)
         b = None if self.bias is None else self.bias.to(x.dtype)
         if self._kernel_applies(x):
@@ -206,6 +216,35 @@ class QuantLinear(nn.Module):
         """backend "auto" on CUDA, bf16/fp16 input, weight-only recipe: the GPU kernels."""
         return (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
                 and self.activation.fmt is None)
+
+    def _a8w8_applies(self, x: torch.Tensor) -> bool:
+        """backend "auto" on CUDA, bf16/fp16 input, an a8w8-fp8/int8 recipe whose
+        activation scales pair with the weight's (per token with per channel, 1 x 128
+        with 128 x 128 blocks): the A8W8 kernels."""
+        act = self.activation
+        if not (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and act.fmt in ("fp8_e4m3", "int8") and act.fmt == self.fmt):
+            return False
+        per_token = act.options.get("granularity") == "token" and "group_size" not in act.options
+        blocks = act.options.get("group_size") == 128
+        tile = tuple(self.tile)
+        if not ((per_token and tile == (1, self.in_features)) or (blocks and tile == (128, 128))):
+            return False
+        from ..kernels.a8w8 import a8w8_unsupported
+
+        return a8w8_unsupported(self.qweight) is None
+
+    def packed_a8w8(self):
+        """The weight in the A8W8 kernels' layout (``lowbit.kernels.a8w8.pack_a8w8``),
+        made on first use and cached until a weight part changes."""
+        from ..kernels.a8w8 import pack_a8w8
+
+        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
+        key = ("a8w8", self.weight_codes.device, parts)
+        if self._pw_cache is None or self._pw_cache[0] != key:
+            self._pw_cache = None
+            self._pw_cache = (key, pack_a8w8(self.qweight))
+        return self._pw_cache[1]
 
     def packed_weight(self, dtype: torch.dtype):
         """The weight in the kernels' layout for ``dtype`` activations

@@ -2,6 +2,7 @@
 
     a16w4-int-g128      4-bit integer weights, group 128, bf16/fp16 activations
     a8w8-fp8            FP8 E4M3 weights per channel, FP8 activations per token
+    a8w8-fp8-b128       FP8 E4M3 weights in 128 x 128 blocks, activations in 1 x 128 blocks
     a8w4-mxfp4          MXFP8 activations x MXFP4 weights
     a4w4-nvfp4          NVFP4 activations and weights
 
@@ -39,6 +40,9 @@ _ROT = re.compile(r"rot(\d+)?")
 _WEIGHT_FORMATS = {
     "int8": ("int8", {}),
     "fp8": ("fp8_e4m3", {}),
+    # DeepSeek-style: 128 x 128 weight blocks (activations then 1 x 128 blocks)
+    "fp8-b128": ("fp8_e4m3", {"granularity": "block", "block_shape": (128, 128)}),
+    "int8-b128": ("int8", {"granularity": "block", "block_shape": (128, 128)}),
     "mxfp8": ("mxfp8_e4m3", {}),
     "mxfp6": ("mxfp6_e2m3", {}),
     "mxfp4": ("mxfp4", {}),
@@ -49,6 +53,8 @@ _WEIGHT_FORMATS = {
 _ACTIVATIONS = {
     (8, "fp8"): ("fp8_e4m3", {"granularity": "token"}),
     (8, "int8"): ("int8", {"granularity": "token"}),
+    (8, "fp8-b128"): ("fp8_e4m3", {"group_size": 128}),
+    (8, "int8-b128"): ("int8", {"group_size": 128}),
     (8, "mxfp8"): ("mxfp8_e4m3", {}),
     (8, "mxfp4"): ("mxfp8_e4m3", {}),
     (8, "mxfp6"): ("mxfp8_e4m3", {}),

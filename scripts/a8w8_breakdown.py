@@ -1,0 +1,45 @@
+"""Where an A8W8 call's time goes on the GPU: the activation quantization alone, the
+GEMM alone (on precomputed codes) and the whole op, CUDA-graph replay, beside bf16.
+
+    PYTHONPATH=src python scripts/a8w8_breakdown.py [--shapes 28672x4096,8192x28672] [--m 1,16,128]
+"""
+
+import argparse
+
+import torch
+
+from lowbit import quantize_tensor
+from lowbit.bench.timing import time_cuda_graph
+from lowbit.kernels import a8w8, act_quant
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="28672x4096,8192x28672")
+    p.add_argument("--m", default="1,16,128,8192")
+    p.add_argument("--fmt", default="fp8_e4m3")
+    a = p.parse_args()
+    print(f"{'shape':>12} {'M':>5} {'bf16':>8} {'quant':>8} {'split q':>8} {'gemm':>8} {'total':>8}  config")
+    for spec in a.shapes.split(","):
+        n, k = map(int, spec.split("x"))
+        w = torch.randn(n, k, device="cuda") * 0.02
+        pa = a8w8.pack_a8w8(quantize_tensor(w, a.fmt, granularity="channel"))
+        wb = w.to(torch.bfloat16)
+        for m in map(int, a.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cfg = a8w8.plan_a8w8(m, pa, x.device, x.dtype)
+            codes, sa = act_quant.quantize_activation(x, pa.fmt)
+            y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = time_cuda_graph(lambda: torch.nn.functional.linear(x, wb), rep_ms=5.0)
+            t_q = time_cuda_graph(lambda: act_quant.quantize_activation(x, pa.fmt), rep_ms=5.0)
+            saved = act_quant.SPLIT_MIN_K
+            act_quant.SPLIT_MIN_K = 0  # the split path for comparison
+            t_qs = time_cuda_graph(lambda: act_quant.quantize_activation(x, pa.fmt), rep_ms=5.0)
+            act_quant.SPLIT_MIN_K = saved
+            t_g = time_cuda_graph(lambda: a8w8._launch(codes, sa, pa, None, y, cfg), rep_ms=5.0)
+            t_all = time_cuda_graph(lambda: a8w8.a8w8_matmul(x, pa), rep_ms=5.0)
+            print(f"{spec:>12} {m:>5} {t_bf16:8.1f} {t_q:8.1f} {t_qs:8.1f} {t_g:8.1f} {t_all:8.1f}  {cfg}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

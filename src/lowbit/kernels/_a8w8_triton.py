@@ -1,0 +1,194 @@
+"""Triton kernel of the A8W8 matmul (``a8w8.py`` is the public op):
+y = (qa * sa) @ (qw * sw)^T (+ bias), qa the activation codes from
+``act_quant`` [M, KQ], qw the weight codes [N, KQ], both FP8 E4M3 or INT8 and
+both K-major (what the FP8 tensor cores need).
+
+Scales, two schemes:
+
+- per-token x per-channel (BLOCKWISE False): the K loop accumulates the
+  products of codes in the MMA's accumulator (float32 for FP8, int32 for
+  INT8, exact; for FP8 over K > 4096 the tensor cores' sum restarts every
+  4096 and is added into a float32 total, since Hopper's FP8 MMA accumulates
+  with fewer bits than float32); the epilogue multiplies by sa[m] * sw[n];
+- DeepSeek-style blocks (BLOCKWISE True): activations 1 x 128, weights
+  128 x 128; every 128-deep K tile's product is scaled by
+  sa[m, t] * sw[n // 128, t] before it joins the float32 accumulator.
+
+Orientations: SWAP computes y^T tiles (the weight is the MMA's wide side) for
+small M; otherwise y tiles. Split-K writes float32 partials (already scaled)
+to a workspace that the weight-only module's reduce kernel sums, adding the
+bias and casting. Under TRITON_INTERPRET (EMULATE) the codes arrive as bytes
+and are decoded to float32 exactly before a float32 dot.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _act_quant_triton as aq
+from ._weight_only_triton import _round_to_bf16, interpret_mode
+
+
+def _operand(codes, INT8: tl.constexpr, EMULATE: tl.constexpr):
+    if EMULATE:
+        if INT8:
+            return codes.to(tl.float32)
+        return _e4m3_decode(codes.to(tl.int32))
+    return codes
+
+
+def _mma(x, y, acc, INT_MMA: tl.constexpr, PROMOTE: tl.constexpr):
+    """acc + x @ y: int32 accumulation for INT8; for FP8, PROMOTE > 0 moves the
+    tensor cores' partial sums into the float32 accumulator every PROMOTE products
+    along K (Hopper's FP8 MMA keeps fewer bits than float32 across a long K).
+    One exit: Triton 3.6 mistypes helpers that return from several branches."""
+    if INT_MMA:
+        out = tl.dot(x, y, acc, out_dtype=tl.int32)
+    elif PROMOTE > 0:
+        out = tl.dot(x, y, acc, max_num_imprecise_acc=PROMOTE)
+    else:
+        out = tl.dot(x, y, acc)
+    return out
+
+
+def _a8w8_kernel(
+    a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, KQ, NT, TPS, stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr,
+    INT8: tl.constexpr,
+    BLOCKWISE: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EMULATE: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    PROMOTE: tl.constexpr = 0,  # FP8: promote partial sums every PROMOTE along K (0: never)
+    SEG: tl.constexpr = 0,  # FP8 (not blockwise): restart the MMA sum every SEG K tiles (0: never)
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * KQ + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * KQ + offs_k[None, :]
+    INT_MMA: tl.constexpr = INT8 and not EMULATE
+    PART_TY: tl.constexpr = tl.int32 if INT_MMA else tl.float32
+    if SWAP:
+        if INT_MMA and not BLOCKWISE:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        if INT_MMA and not BLOCKWISE:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    t_begin = pid_k * TPS
+    t_end = tl.minimum(t_begin + TPS, NT)
+    KB: tl.constexpr = 128 // BLOCK_K if BLOCK_K < 128 else 1  # K steps per 128-wide scale block
+    nkb = tl.cdiv(KQ, 128)
+    if SEG > 0:
+        # FP8 over a long K: the tensor cores' sum restarts every SEG tiles and is
+        # added into a float32 total (their accumulator keeps fewer bits than float32)
+        total = tl.zeros(acc.shape, dtype=tl.float32)
+        for s0 in range(t_begin, t_end, SEG):
+            seg = tl.zeros(acc.shape, dtype=tl.float32)
+            for t in range(s0, tl.minimum(s0 + SEG, t_end)):
+                a = _operand(tl.load(a_ptrs + t * BLOCK_K, mask=m_ok[:, None]), INT8, EMULATE)
+                w = _operand(tl.load(w_ptrs + t * BLOCK_K, mask=n_ok[:, None]), INT8, EMULATE)
+                if SWAP:
+                    seg = _mma(w, tl.trans(a), seg, False, 0)
+                else:
+                    seg = _mma(a, tl.trans(w), seg, False, 0)
+            total += seg
+        acc = total
+    else:
+        for t in range(t_begin, t_end):
+            a = _operand(tl.load(a_ptrs + t * BLOCK_K, mask=m_ok[:, None]), INT8, EMULATE)
+            w = _operand(tl.load(w_ptrs + t * BLOCK_K, mask=n_ok[:, None]), INT8, EMULATE)
+            if BLOCKWISE:
+                # a fresh product per 128-deep tile, scaled into the float32 accumulator
+                if SWAP:
+                    part = _mma(w, tl.trans(a), tl.zeros((BLOCK_N, BLOCK_M), PART_TY), INT_MMA, 0)
+                else:
+                    part = _mma(a, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), PART_TY), INT_MMA, 0)
+                kb = t // KB
+                sa = tl.load(sa_ptr + offs_m.to(tl.int64) * nkb + kb, mask=m_ok, other=0.0)
+                sw = tl.load(sw_ptr + (offs_n // 128).to(tl.int64) * nkb + kb, mask=n_ok, other=0.0)
+                if SWAP:
+                    acc += part.to(tl.float32) * (sw[:, None] * sa[None, :])
+                else:
+                    acc += part.to(tl.float32) * (sa[:, None] * sw[None, :])
+            elif SWAP:
+                acc = _mma(w, tl.trans(a), acc, INT_MMA, PROMOTE)
+            else:
+                acc = _mma(a, tl.trans(w), acc, INT_MMA, PROMOTE)
+
+    acc = acc.to(tl.float32)
+    if not BLOCKWISE:
+        sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+        if SWAP:
+            acc = acc * sw[:, None] * sa[None, :]
+        else:
+            acc = acc * sa[:, None] * sw[None, :]
+    if SWAP:
+        mask = n_ok[:, None] & m_ok[None, :]
+        out_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        y_off = offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+    else:
+        mask = m_ok[:, None] & n_ok[None, :]
+        out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if PARTIAL:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if SWAP:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
+        if RNE_BF16:
+            acc = _round_to_bf16(acc)
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_JITTED: dict[bool, tuple] = {}
+_OPERAND = _operand
+_MMA = _mma
+
+
+def kernel():
+    """The matmul kernel, wrapped for the current mode (compiled, or interpreted);
+    its device functions become this module's globals in the same mode."""
+    mode = interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = (triton.jit(_a8w8_kernel, do_not_specialize=["M", "NT", "TPS"]), triton.jit(_OPERAND),
+                         triton.jit(_MMA))
+    from . import _weight_only_triton as wo
+
+    wo._kernels()  # _round_to_bf16 and the split-K reduce, wrapped for this mode
+    matmul, operand, mma = _JITTED[mode]
+    globals().update(aq.helpers())
+    globals()["_round_to_bf16"] = wo._round_to_bf16
+    globals()["_operand"] = operand
+    globals()["_mma"] = mma
+    return matmul

@@ -1,0 +1,204 @@
+"""Triton kernels of the dynamic activation quantization (``act_quant.py`` is the
+public op) and the element codecs the A8W8 kernels share.
+
+One program quantizes one row of x [M, K] (a token) in one or two passes
+(a few long rows instead: ``_chunk_amax_kernel`` writes each 1024-element
+chunk's amax, then one program per chunk quantizes it with the row's scale):
+
+- per-token scales (GROUP = 0): a first pass finds the row's amax, a second
+  writes the codes (the row is re-read from L2);
+- 1 x GROUP block scales (GROUP = 128): one pass, each block quantized as soon
+  as its amax is known.
+
+The numerics are the reference's (``lowbit.formats``, FORMATS.md) bit for bit:
+s = amax / QMAX and v = x / s both correctly rounded (``div_rn``; Triton's
+plain ``/`` is approximate on the GPU), a zero row gets s = 1, FP8 codes round
+to nearest even and saturate at 448, INT8 codes round half to even and clamp
+to [-127, 127]. A SmoothQuant factor (QuantLinear's input_scale) is applied
+first as the reference does: x / input_scale rounded to x's dtype.
+
+FP8 E4M3 codes on the GPU come from the hardware conversion (cvt.rn.satfinite).
+Triton's CPU interpreter converts to FP8 without saturation and flushes
+subnormals, so under TRITON_INTERPRET (EMULATE) the code is built from the
+float's bits instead: the same rounding, in integer arithmetic. Codes are
+stored as bytes (uint8 for FP8, int8 for INT8); the GEMM reinterprets them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ._weight_only_triton import _round_to_bf16, interpret_mode
+
+
+def _e4m3_bits(v, EMULATE: tl.constexpr):
+    """float32 v (finite) -> its FP8 E4M3 code (int32 in [0, 255]): round to
+    nearest even, saturate at +-448. Integer arithmetic on the float's bits."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) & 1
+    a_bits = bits & 0x7FFFFFFF
+    a = a_bits.to(tl.float32, bitcast=True)
+    # normal: drop 20 mantissa bits with round to nearest even, rebias 127 -> 7
+    rounded = (a_bits + 0x7FFFF + ((a_bits >> 20) & 1)) >> 20
+    normal = rounded - ((127 - 7) << 3)
+    # subnormal (|v| < 2^-6): multiples of 2^-9, rint rounds half to even; 8 is 2^-6 itself
+    sub = _rint(a * 512.0, EMULATE).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    code = tl.minimum(code, 0x7E)  # 448; beyond it saturates
+    return code | (sign << 7)
+
+
+def _e4m3_decode(c):
+    """FP8 E4M3 code (int32, 0..255, no NaN) -> its float32 value, exactly."""
+    e = (c >> 3) & 0xF
+    m = c & 7
+    mag_bits = ((e + 120) << 23) | (m << 20)
+    normal = mag_bits.to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125  # m * 2^-9
+    mag = tl.where(e == 0, sub, normal)
+    return tl.where((c & 0x80) != 0, -mag, mag)
+
+
+def _prepare(x_ptrs, mask, iscale_ptrs, HAS_ISCALE: tl.constexpr, FP16: tl.constexpr, RNE_BF16: tl.constexpr,
+             EMULATE: tl.constexpr):
+    """x (float32) as the reference sees it: after x / input_scale, rounded to x's dtype."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ISCALE:
+        d = tl.load(iscale_ptrs, mask=mask, other=1.0)
+        x = _div(x, d, EMULATE)
+        if FP16:
+            x = x.to(tl.float16).to(tl.float32)
+        elif RNE_BF16:
+            x = _round_to_bf16(x).to(tl.float32)
+        else:
+            x = x.to(tl.bfloat16).to(tl.float32)
+    return x
+
+
+def _div(a, b, EMULATE: tl.constexpr):
+    """a / b correctly rounded: div_rn on the GPU (plain / is approximate there);
+    the interpreter's numpy division is already IEEE (it has no div_rn)."""
+    if EMULATE:
+        return a / b
+    return libdevice.div_rn(a, b)
+
+
+def _rint(v, EMULATE: tl.constexpr):
+    """Round half to even (|v| < 2^22): libdevice on the GPU; under the interpreter
+    (no libdevice) adding and subtracting 1.5 * 2^23 rounds in float32 the same way."""
+    if EMULATE:
+        return (v + 12582912.0) - 12582912.0
+    return libdevice.rint(v)
+
+
+def _scale_of(amax, QMAX: tl.constexpr, EMULATE: tl.constexpr):
+    s = _div(amax, tl.full(amax.shape, QMAX, tl.float32), EMULATE)
+    return tl.where(s > 0, s, 1.0)  # a zero row (or an amax that underflowed) -> 1
+
+
+def _encode(x, s, INT8: tl.constexpr, EMULATE: tl.constexpr):
+    v = _div(x, s, EMULATE)
+    if INT8:
+        q = tl.minimum(tl.maximum(_rint(v, EMULATE), -127.0), 127.0).to(tl.int8)
+    elif EMULATE:
+        q = _e4m3_bits(v, EMULATE).to(tl.uint8)
+    else:
+        q = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return q
+
+
+def _chunk_amax_kernel(
+    x_ptr, iscale_ptr, part_ptr, K, stride_xm, n_chunks,
+    BLOCK_K: tl.constexpr, HAS_ISCALE: tl.constexpr, FP16: tl.constexpr, RNE_BF16: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """part[m, c] = amax of row m's chunk c (BLOCK_K elements): the first pass of
+    per-token quantization spread over many programs (few long rows)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = _prepare(x_ptr + row * stride_xm + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
+    tl.store(part_ptr + row * n_chunks + c + tl.arange(0, 1), tl.max(tl.abs(x), axis=0, keep_dims=True))
+
+
+def _act_quant_kernel(
+    x_ptr, iscale_ptr, q_ptr, s_ptr, part_ptr,
+    K, KQ, stride_xm, n_groups,
+    GROUP: tl.constexpr,  # 0: one scale per row; else 1 x GROUP blocks along K
+    BLOCK_K: tl.constexpr,
+    INT8: tl.constexpr,
+    HAS_ISCALE: tl.constexpr,
+    FP16: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    EMULATE: tl.constexpr,
+    SPLIT: tl.constexpr = False,  # per token, row chunks over programs; amax from part[m, :n_groups]
+    NP: tl.constexpr = 1,  # SPLIT: n_groups (the chunk count) rounded up to a power of two
+):
+    """q[m, :K] = codes, q[m, K:KQ] = 0 (the GEMM's K padding); s[m] or s[m, g].
+    SPLIT: program (m, c) quantizes chunk c of row m with the scale from the chunk
+    maxima that _chunk_amax_kernel wrote."""
+    QMAX: tl.constexpr = 127.0 if INT8 else 448.0
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * KQ
+    offs = tl.arange(0, BLOCK_K)
+    if SPLIT:
+        c = tl.program_id(1)
+        p = tl.arange(0, NP)
+        parts = tl.load(part_ptr + row * n_groups + p, mask=p < n_groups, other=0.0)
+        s = _scale_of(tl.max(parts, axis=0, keep_dims=True), QMAX, EMULATE)  # [1]
+        if c == 0:
+            tl.store(s_ptr + row + tl.arange(0, 1), s)
+        k = c * BLOCK_K + offs
+        x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
+        tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
+    elif GROUP == 0:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs
+            x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = _scale_of(tl.max(amax, axis=0, keep_dims=True), QMAX, EMULATE)  # [1]
+        tl.store(s_ptr + row + tl.arange(0, 1), s)
+        for k0 in range(0, KQ, BLOCK_K):
+            k = k0 + offs
+            x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
+            tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
+    else:
+        g_offs = tl.arange(0, GROUP)
+        for g in range(0, n_groups):
+            k = g * GROUP + g_offs
+            x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
+            s = _scale_of(tl.max(tl.abs(x), axis=0, keep_dims=True), QMAX, EMULATE)  # [1]
+            tl.store(s_ptr + row * n_groups + g + tl.arange(0, 1), s)
+            tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
+
+
+_HELPERS = {f.__name__: f for f in (_e4m3_bits, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode)}
+_JITTED: dict[bool, object] = {}
+
+
+def helpers() -> dict:
+    """The device functions, wrapped for the current mode (shared with the A8W8 kernels)."""
+    mode = interpret_mode()
+    key = ("helpers", mode)
+    if key not in _JITTED:
+        _JITTED[key] = {name: triton.jit(fn) for name, fn in _HELPERS.items()}
+    return _JITTED[key]
+
+
+def kernel():
+    """The quantization kernel, wrapped for the current mode; its device functions
+    become this module's globals in the same mode."""
+    from . import _weight_only_triton as wo
+
+    mode = interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = (triton.jit(_act_quant_kernel, do_not_specialize=["K", "KQ", "n_groups"]),
+                         triton.jit(_chunk_amax_kernel, do_not_specialize=["K", "n_chunks"]))
+    wo._kernels()  # _round_to_bf16, wrapped for this mode
+    globals().update(helpers())
+    globals()["_round_to_bf16"] = wo._round_to_bf16
+    return _JITTED[mode]

@@ -1,0 +1,124 @@
+"""Dynamic activation quantization for the A8W8 matmul: x [M, K] -> codes and scales.
+
+```python
+codes, scales = quantize_activation(x, "fp8_e4m3")                   # per token
+codes, scales = quantize_activation(x, "int8", group_size=128)       # 1 x 128 blocks
+```
+
+codes [M, KQ] (KQ = K rounded up to 128, zero-padded: the GEMM's K) are FP8
+E4M3 bit patterns (uint8) or INT8; scales float32 [M] (per token) or
+[M, KQ / 128]. ``input_scale`` (a SmoothQuant/AWQ factor kept on a QuantLinear)
+divides x first, rounded to x's dtype, exactly as QuantLinear's reference path
+does. The Triton kernel and the reference (``lowbit.formats.quantize_tensor``)
+give the same codes and scales bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats import quantize_tensor
+
+FORMATS = ("fp8_e4m3", "int8")
+GROUPS = (None, 128)
+K_ALIGN = 128  # the GEMM's K padding
+
+
+def padded_k(k: int) -> int:
+    return -(-k // K_ALIGN) * K_ALIGN
+
+
+def _check(x: torch.Tensor, fmt: str, group_size: int | None, input_scale: torch.Tensor | None) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"activation format {fmt!r}: the A8W8 kernels take {', '.join(FORMATS)}")
+    if group_size not in GROUPS:
+        raise ValueError(f"group_size={group_size}: per token (None) or 1 x 128 blocks (128)")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)} (flatten the leading dimensions)")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
+    if input_scale is not None and input_scale.shape != (x.shape[1],):
+        raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}, expected ({x.shape[1]},)")
+
+
+def quantize_activation_reference(x: torch.Tensor, fmt: str, group_size: int | None = None,
+                                  input_scale: torch.Tensor | None = None):
+    """The reference: lowbit.formats on x (after the input scale), codes padded to KQ."""
+    _check(x, fmt, group_size, input_scale)
+    m, k = x.shape
+    if input_scale is not None:
+        x = (x.float() / input_scale.float()).to(x.dtype)
+    opts = {"granularity": "token"} if group_size is None else {"group_size": group_size}
+    qt = quantize_tensor(x, fmt, **opts)
+    kq = padded_k(k)
+    if fmt == "int8":
+        codes = qt.codes.view(torch.int8)
+    else:
+        codes = qt.codes.view(torch.uint8)
+    out = torch.zeros((m, kq), dtype=codes.dtype, device=x.device)
+    out[:, :k] = codes
+    scales = qt.scales.float()
+    if group_size is None:
+        scales = scales.reshape(m)
+    else:
+        full = torch.ones((m, kq // 128), dtype=torch.float32, device=x.device)
+        full[:, : scales.shape[1]] = scales
+        scales = full
+    return out, scales
+
+
+def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None,
+                        input_scale: torch.Tensor | None = None, backend: str = "triton"):
+    """x [M, K] bf16/fp16 -> (codes [M, KQ], scales float32 [M] or [M, KQ/128]).
+    backend "triton" (CUDA, or CPU tensors under TRITON_INTERPRET) or "reference"."""
+    if backend == "reference":
+        return quantize_activation_reference(x, fmt, group_size, input_scale)
+    if backend != "triton":
+        raise ValueError(f"backend={backend!r}: 'triton' or 'reference'")
+    _check(x, fmt, group_size, input_scale)
+    from . import _act_quant_triton as aq
+    from ._weight_only_triton import interpret_mode
+
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    kq = padded_k(k)
+    int8 = fmt == "int8"
+    codes = torch.empty((m, kq), dtype=torch.int8 if int8 else torch.uint8, device=x.device)
+    n_groups = kq // 128
+    scales = torch.empty((m,) if group_size is None else (m, n_groups), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, scales
+    interp = interpret_mode()
+    iscale = input_scale.to(device=x.device, dtype=torch.float32).contiguous() if input_scale is not None else x
+    quant, chunk_amax = aq.kernel()
+    flags = dict(HAS_ISCALE=input_scale is not None, FP16=x.dtype == torch.float16,
+                 RNE_BF16=interp and x.dtype == torch.bfloat16, EMULATE=interp)
+    split = group_size is None and split_rows(m, kq)
+    if split:
+        chunks = -(-kq // CHUNK)
+        parts = torch.empty((m, chunks), dtype=torch.float32, device=x.device)
+        chunk_amax[(m, chunks)](x, iscale, parts, k, x.stride(0), chunks, BLOCK_K=CHUNK, num_warps=4, **flags)
+        quant[(m, chunks)](x, iscale, codes, scales, parts, k, kq, x.stride(0), chunks, GROUP=0, BLOCK_K=CHUNK,
+                           INT8=int8, SPLIT=True, NP=max(2, 1 << (chunks - 1).bit_length()), num_warps=4, **flags)
+    else:
+        quant[(m,)](x, iscale, codes, scales, scales, k, kq, x.stride(0), n_groups,
+                    GROUP=0 if group_size is None else 128, BLOCK_K=CHUNK if group_size is None else 128,
+                    INT8=int8, num_warps=4, **flags)
+    return codes, scales
+
+
+CHUNK = 1024  # elements per program when per-token rows are split
+
+
+SPLIT_MAX_M = 64  # per-token rows split over programs up to this many rows ...
+SPLIT_MIN_K = 4097  # ... of at least this padded length
+
+
+def split_rows(m: int, kq: int) -> bool:
+    """Per-token scales of few long rows: spread each row over programs (two launches)
+    rather than one program walking it twice."""
+    return m <= SPLIT_MAX_M and kq >= SPLIT_MIN_K
+
+
+__all__ = ["quantize_activation", "quantize_activation_reference", "padded_k"]
