@@ -197,3 +197,25 @@ def test_fp8_long_k_restarts_the_tensor_core_sum():
         exact, s = _exact(x, pa, None)
         err = (y.double() - exact).abs()
         assert bool((err <= 2.0**-7 * exact.abs() + 1e-6 * s + 1e-30).all())
+
+
+def test_tma_configs_are_checked_and_fall_back_under_the_interpreter():
+    with pytest.raises(ValueError, match="tma"):
+        A8W8Config(16, 64, 128, swap=True, tma=True).check()
+    pa = pack_a8w8(_weight("int8", False, 40, 130))
+    x = _x(3, 130, torch.bfloat16, seed=2)
+    y = a8w8_matmul(x, pa, None, backend="triton", config=A8W8Config(16, 32, 128, tma=True))
+    exact, s = _exact(x, pa, None)
+    assert bool(((y.double() - exact).abs() <= 2.0**-7 * exact.abs() + 1e-6 * s + 1e-30).all())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_one_pass_and_two_pass_rows_give_the_reference_codes(fmt, monkeypatch):
+    from lowbit.kernels import act_quant
+
+    x = _x(3, 700, torch.float16, seed=11)
+    ref = quantize_activation_reference(x, fmt)
+    for limit in (16384, 0):  # one pass (the row in registers), then two passes
+        monkeypatch.setattr(act_quant, "ONE_PASS_MAX_K", limit)
+        codes, scales = quantize_activation(x, fmt)
+        assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1]), limit

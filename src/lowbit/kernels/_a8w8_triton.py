@@ -52,6 +52,16 @@ def _mma(x, y, acc, INT_MMA: tl.constexpr, PROMOTE: tl.constexpr):
     return out
 
 
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row blocks share each weight tile in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % num_in_group) % group_size, (pid % num_in_group) // group_size
+
+
 def _a8w8_kernel(
     a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, KQ, NT, TPS, stride_ym,
@@ -69,17 +79,8 @@ def _a8w8_kernel(
     PROMOTE: tl.constexpr = 0,  # FP8: promote partial sums every PROMOTE along K (0: never)
     SEG: tl.constexpr = 0,  # FP8 (not blockwise): restart the MMA sum every SEG K tiles (0: never)
 ):
-    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_in_group) % group_size
-    pid_n = (pid % num_in_group) // group_size
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -171,9 +172,71 @@ def _a8w8_kernel(
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _a8w8_tma_kernel(
+    a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, y_ptr,
+    M, N, KQ, stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SEG: tl.constexpr,
+):
+    """The tiled (not swapped), per-channel, unsplit GEMM with its operand tiles
+    fetched by the TMA engine (host-made tensor descriptors; rows past M or N come
+    back as zeros). GPU only."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    nt = KQ // BLOCK_K
+    if INT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for t in range(0, nt):
+            a = a_desc.load([off_m, t * BLOCK_K])
+            w = w_desc.load([off_n, t * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        acc = acc.to(tl.float32)
+    elif SEG > 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s0 in range(0, nt, SEG):
+            seg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for t in range(s0, tl.minimum(s0 + SEG, nt)):
+                a = a_desc.load([off_m, t * BLOCK_K])
+                w = w_desc.load([off_n, t * BLOCK_K])
+                seg = tl.dot(a, w.T, seg)
+            acc += seg
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(0, nt):
+            a = a_desc.load([off_m, t * BLOCK_K])
+            w = w_desc.load([off_n, t * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+    acc = acc * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_TMA: list = []
+
+
+def tma_kernel():
+    if not _TMA:
+        _TMA.append(triton.jit(_a8w8_tma_kernel, do_not_specialize=["M"]))
+    kernel()  # its device functions, for this mode
+    return _TMA[0]
+
+
 _JITTED: dict[bool, tuple] = {}
-_OPERAND = _operand
-_MMA = _mma
+_OWN_HELPERS = {f.__name__: f for f in (_operand, _mma, _tile_ids)}
 
 
 def kernel():
@@ -181,14 +244,14 @@ def kernel():
     its device functions become this module's globals in the same mode."""
     mode = interpret_mode()
     if mode not in _JITTED:
-        _JITTED[mode] = (triton.jit(_a8w8_kernel, do_not_specialize=["M", "NT", "TPS"]), triton.jit(_OPERAND),
-                         triton.jit(_MMA))
+        _JITTED[mode] = (triton.jit(_a8w8_kernel, do_not_specialize=["M", "NT", "TPS"]),
+                         {name: triton.jit(fn) for name, fn in _OWN_HELPERS.items()})
     from . import _weight_only_triton as wo
 
     wo._kernels()  # _round_to_bf16 and the split-K reduce, wrapped for this mode
-    matmul, operand, mma = _JITTED[mode]
+    aq.kernel()  # act_quant's helpers call each other: wrapped in their own module too
+    matmul, own = _JITTED[mode]
     globals().update(aq.helpers())
+    globals().update(own)
     globals()["_round_to_bf16"] = wo._round_to_bf16
-    globals()["_operand"] = operand
-    globals()["_mma"] = mma
     return matmul

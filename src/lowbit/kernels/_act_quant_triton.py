@@ -1,9 +1,10 @@
 """Triton kernels of the dynamic activation quantization (``act_quant.py`` is the
 public op) and the element codecs the A8W8 kernels share.
 
-One program quantizes one row of x [M, K] (a token) in one or two passes
-(a few long rows instead: ``_chunk_amax_kernel`` writes each 1024-element
-chunk's amax, then one program per chunk quantizes it with the row's scale):
+One program quantizes one row of x [M, K] (a token): the whole row in
+registers where it fits (K up to 32768), else in two passes (a few long rows
+instead: ``_chunk_amax_kernel`` writes each 1024-element chunk's amax, then one
+program per chunk quantizes it with the row's scale):
 
 - per-token scales (GROUP = 0): a first pass finds the row's amax, a second
   writes the codes (the row is re-read from L2);
@@ -133,6 +134,7 @@ def _act_quant_kernel(
     FP16: tl.constexpr,
     RNE_BF16: tl.constexpr,
     EMULATE: tl.constexpr,
+    ONE_PASS: tl.constexpr = False,  # per token, BLOCK_K >= KQ: the row read once, kept in registers
     SPLIT: tl.constexpr = False,  # per token, row chunks over programs; amax from part[m, :n_groups]
     NP: tl.constexpr = 1,  # SPLIT: n_groups (the chunk count) rounded up to a power of two
 ):
@@ -153,6 +155,13 @@ def _act_quant_kernel(
             tl.store(s_ptr + row + tl.arange(0, 1), s)
         k = c * BLOCK_K + offs
         x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
+        tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
+    elif GROUP == 0 and ONE_PASS:
+        # the whole (padded) row in registers: read once, amax, codes
+        k = offs
+        x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
+        s = _scale_of(tl.max(tl.abs(x), axis=0, keep_dims=True), QMAX, EMULATE)  # [1]
+        tl.store(s_ptr + row + tl.arange(0, 1), s)
         tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
     elif GROUP == 0:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)

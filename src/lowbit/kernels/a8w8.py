@@ -47,6 +47,7 @@ class A8W8Config:
     num_stages: int = 4
     swap: bool = False
     group_m: int = 8
+    tma: bool = False  # operand tiles by the TMA engine (tiled, per channel, no split; GPU only)
 
     def check(self) -> "A8W8Config":
         for name in ("block_m", "block_n"):
@@ -59,6 +60,8 @@ class A8W8Config:
             raise ValueError(f"block_n={self.block_n}: swap needs >= 64 (the MMA's 64 rows)")
         if self.split_k < 1 or self.num_stages < 1 or self.group_m < 1:
             raise ValueError(f"split_k, num_stages and group_m must be >= 1, got {self}")
+        if self.tma and (self.swap or self.split_k != 1):
+            raise ValueError("tma=True takes the tiled orientation without split-K (swap=False, split_k=1)")
         return self
 
 
@@ -244,6 +247,8 @@ def candidate_configs(m: int, n: int, kq: int, two_acc: bool, num_sms: int = 132
             for split in sorted(splits):
                 for stages in (3, 4):
                     out.append(A8W8Config(bm, bn, 128, split, w, stages))
+            if m >= 512:
+                out += [A8W8Config(bm, bn, 128, 1, w, stages, tma=True) for stages in (3, 4)]
     seen, uniq = set(), []
     for c in out:
         if c not in seen:
@@ -319,6 +324,9 @@ def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
     if pa.blockwise and cfg.block_k != 128:
         cfg = A8W8Config(cfg.block_m, cfg.block_n, 128, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.swap,
                          cfg.group_m)
+    if cfg.tma and not interp and not pa.blockwise:
+        _launch_tma(codes, sa, pa, bias, y, cfg)
+        return
     nt = kq // cfg.block_k
     split = max(1, min(cfg.split_k, nt))
     tps = -(-nt // split)
@@ -347,6 +355,28 @@ def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
         )
 
 
+def _launch_tma(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from . import _a8w8_triton as k8
+
+    a_op, w_op = codes, pa.codes
+    if pa.fmt == "fp8_e4m3":
+        a_op, w_op = codes.view(torch.float8_e4m3fn), pa.codes.view(torch.float8_e4m3fn)
+    a_desc = TensorDescriptor.from_tensor(a_op, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(w_op, [cfg.block_n, cfg.block_k])
+    m = codes.shape[0]
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(pa.n, cfg.block_n),)
+    k8.tma_kernel()[grid](
+        a_desc, w_desc, sa, pa.scales, bias if bias is not None else pa.scales, y,
+        m, pa.n, pa.kq, y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INT8=pa.fmt == "int8", HAS_BIAS=bias is not None, SEG=promotion_tiles(pa, cfg.block_k),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
 def a8w8_matmul(x: torch.Tensor, pa: PackedA8W8, bias: torch.Tensor | None = None,
                 input_scale: torch.Tensor | None = None, backend: str = "auto",
                 config: A8W8Config | None = None) -> torch.Tensor:
@@ -373,9 +403,9 @@ def a8w8_matmul(x: torch.Tensor, pa: PackedA8W8, bias: torch.Tensor | None = Non
     y = torch.empty((m, pa.n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, pa.n)
-    codes, sa = act_quant.quantize_activation(x2, pa.fmt, pa.act_group, input_scale, backend="triton")
     cfg = (config or plan_a8w8(m, pa, x.device, x.dtype)).check()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
+    codes, sa = act_quant.quantize_activation(x2, pa.fmt, pa.act_group, input_scale, backend="triton")
     _launch(codes, sa, pa, bias, y, cfg)
     return y.reshape(*lead, pa.n)

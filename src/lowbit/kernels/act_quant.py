@@ -101,11 +101,18 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
         chunk_amax[(m, chunks)](x, iscale, parts, k, x.stride(0), chunks, BLOCK_K=CHUNK, num_warps=4, **flags)
         quant[(m, chunks)](x, iscale, codes, scales, parts, k, kq, x.stride(0), chunks, GROUP=0, BLOCK_K=CHUNK,
                            INT8=int8, SPLIT=True, NP=max(2, 1 << (chunks - 1).bit_length()), num_warps=4, **flags)
+    elif group_size is None and kq <= ONE_PASS_MAX_K:
+        block = 1 << (kq - 1).bit_length()
+        quant[(m,)](x, iscale, codes, scales, scales, k, kq, x.stride(0), n_groups, GROUP=0, BLOCK_K=block,
+                    INT8=int8, ONE_PASS=True, num_warps=max(4, min(16, block // 512)), **flags)
     else:
         quant[(m,)](x, iscale, codes, scales, scales, k, kq, x.stride(0), n_groups,
                     GROUP=0 if group_size is None else 128, BLOCK_K=CHUNK if group_size is None else 128,
                     INT8=int8, num_warps=4, **flags)
     return codes, scales
+
+
+ONE_PASS_MAX_K = 32768  # per-token rows up to this padded length are read once (kept in registers)
 
 
 CHUNK = 1024  # elements per program when per-token rows are split
