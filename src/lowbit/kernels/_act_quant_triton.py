@@ -2,7 +2,7 @@
 public op) and the element codecs the A8W8 kernels share.
 
 One program quantizes one row of x [M, K] (a token): the whole row in
-registers where it fits (K up to 32768), else in two passes (a few long rows
+registers where it fits (K up to 16384), else in two passes (a few long rows
 instead: ``_chunk_amax_kernel`` writes each 1024-element chunk's amax, then one
 program per chunk quantizes it with the row's scale):
 
@@ -13,7 +13,8 @@ program per chunk quantizes it with the row's scale):
 
 The numerics are the reference's (``lowbit.formats``, FORMATS.md) bit for bit:
 s = amax / QMAX and v = x / s both correctly rounded (``div_rn``; Triton's
-plain ``/`` is approximate on the GPU), a zero row gets s = 1, FP8 codes round
+plain ``/`` is approximate on the GPU; a reciprocal with one FMA correction
+was tried and is not bit-exact there), a zero row gets s = 1, FP8 codes round
 to nearest even and saturate at 448, INT8 codes round half to even and clamp
 to [-127, 127]. A SmoothQuant factor (QuantLinear's input_scale) is applied
 first as the reference does: x / input_scale rounded to x's dtype.

@@ -112,7 +112,7 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
     return codes, scales
 
 
-ONE_PASS_MAX_K = 32768  # per-token rows up to this padded length are read once (kept in registers)
+ONE_PASS_MAX_K = 16384  # per-token rows up to this padded length are read once (kept in registers)
 
 
 CHUNK = 1024  # elements per program when per-token rows are split
