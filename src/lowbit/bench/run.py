@@ -61,7 +61,8 @@ from .peers import TOL, Peer, PeerUnavailable, Prepared, bf16_baseline, f64_line
 from .shapes import M_VALUES, Shape, describe_registry, parse_ms, select_shapes
 from .timing import FP8_FLOPS, nominal_weight_bytes, roofline_pct, rotation_copies, time_cuda_graph, time_eager
 
-DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w8-int8", "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128")
+DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w8-int8", "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128",
+                                    "a8w4-mxfp4", "a4w4-mxfp4")
 TOP_KEYS: tuple[str, ...] = ("gpu", "date", "commit", "torch", "triton", "rows")
 ROW_KEYS: tuple[str, ...] = ("shape", "n", "k", "m", "method", "us", "speedup_vs_bf16", "roofline_pct", "rel_err")
 DEFAULT_L2 = 50 * 2**20
@@ -87,6 +88,10 @@ def lowbit_method(recipe: str, w: torch.Tensor, backend: str = "auto") -> Prepar
 
     rc = parse_recipe(recipe)
     if rc.activation.fmt is not None:
+        from ..kernels.mx import ACT_FORMATS
+
+        if rc.activation.fmt in ACT_FORMATS:
+            return mx_method(recipe, rc, w, backend)
         return a8w8_method(recipe, rc, w, backend)
     try:
         from ..kernels import pack_weight, weight_only_matmul, weight_only_matmul_reference
@@ -163,6 +168,45 @@ def a8w8_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prep
                         "against float64)",
         first=bind(pa),
         extra_checks=[("a8w8_reference vs float64", vs_float64)],
+    )
+
+
+def mx_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepared:
+    """An MX recipe (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4): the MX activation quantization
+    kernel and the tl.dot_scaled GEMM, both inside every timing."""
+    from ..formats import quantize_tensor
+    from ..kernels.act_quant import quantize_activation_mx_reference
+    from ..kernels.mx import _dequantize, mx_matmul, mx_reference, mx_unsupported, pack_mx
+
+    qt = quantize_tensor(w, rc.weight_fmt, **rc.weight_options)
+    why = mx_unsupported(qt)
+    if why is not None:
+        raise PeerUnavailable(f"no MX kernel for {recipe} ({why}) yet")
+    device = w.device
+    pm = pack_mx(qt, device)
+    act = rc.activation.fmt
+    # the kernel itself even where the dispatcher would not run it (Hopper emulates
+    # block-scaled MMA): its speed is reported beside bf16 as measured
+    kb = "reference" if backend == "reference" else "triton"
+
+    def bind(p):
+        return lambda x: mx_matmul(x, p, act, backend=kb)
+
+    def vs_float64(x, y_ref):
+        codes, scales = quantize_activation_mx_reference(x, act)
+        a = _dequantize(codes, scales, act, pm.k).double()
+        return rel_err(y_ref, a @ _dequantize(pm.codes, pm.scales, pm.fmt, pm.k).double().T)
+
+    return Prepared(
+        method=f"lowbit:{recipe}",
+        make=lambda: bind(pack_mx(qt, device)),
+        reference=lambda x: mx_reference(x, pm, act).double(),
+        weight_bytes=nominal_weight_bytes(qt),
+        flops_rate=FP8_FLOPS,
+        checked_against="mx_reference (the same MX activation quantization, float32 products; cross-checked "
+                        "against float64)",
+        first=bind(pm),
+        extra_checks=[("mx_reference vs float64", vs_float64)],
     )
 
 

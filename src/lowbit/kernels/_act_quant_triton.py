@@ -186,7 +186,64 @@ def _act_quant_kernel(
             tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
 
 
-_HELPERS = {f.__name__: f for f in (_e4m3_bits, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode)}
+def _e2m1_bits(v):
+    """float32 v (finite) -> its FP4 E2M1 code (int32 in [0, 15]): round to nearest
+    even, saturate at +-6. The magnitude code counts the thresholds passed; at a tie
+    (0.25, 0.75, ..., 5) the comparison is strict where the lower neighbour's code is even."""
+    a = tl.abs(v)
+    mag = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+           + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    return mag | (((v.to(tl.int32, bitcast=True) >> 31) & 1) << 3)  # the sign bit: -0.0 keeps it
+
+
+def _mx_act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, KQ, stride_xm, n_blocks,
+    FP4: tl.constexpr,  # elements E2M1 (packed two per byte, even element low) else E4M3
+    BLOCKS: tl.constexpr,  # 32-element blocks per program
+    EMULATE: tl.constexpr,
+):
+    """MX activations, the spec's floor rule (FORMATS.md): per 32-element block
+    E = clamp(floor(log2 amax) - emax, -127, 127), scale byte E + 127 (255 for a block
+    holding NaN/Inf, whose codes are 0), codes = element(x / 2^E). Program (m, c)
+    quantizes blocks [c * BLOCKS, (c + 1) * BLOCKS) of row m; blocks past K get code 0
+    and scale byte 0."""
+    EMAX: tl.constexpr = 2 if FP4 else 8
+    row = tl.program_id(0).to(tl.int64)
+    b0 = tl.program_id(1) * BLOCKS
+    blk = b0 + tl.arange(0, BLOCKS)
+    k = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCKS, 32]
+    x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    finite = tl.abs(x) < float("inf")
+    bad = tl.max((~finite).to(tl.int32), axis=1) > 0  # [BLOCKS]
+    x = tl.where(finite, x, 0.0)
+    amax = tl.max(tl.abs(x), axis=1)
+    field = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # 0: zero or subnormal amax
+    e = tl.where(field > 0, field - 127 - EMAX, -127)
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    # x / 2^E = x * 2^-E, exact (2^-E is a normal float32 for the E of bf16/fp16 rows)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    v = x * inv[:, None]
+    if FP4:
+        c = _e2m1_bits(v)
+    elif EMULATE:
+        c = _e4m3_bits(v, EMULATE)
+    else:
+        c = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    c = tl.where(bad[:, None], 0, c)
+    s = tl.where(bad, 255, e + 127)
+    blk_ok = blk < n_blocks
+    tl.store(s_ptr + row * n_blocks + blk, tl.where(blk * 32 < K, s, 0).to(tl.uint8), mask=blk_ok)
+    if FP4:
+        pairs = tl.reshape(c, (BLOCKS, 16, 2))
+        lo, hi = tl.split(pairs)
+        byte = (lo | (hi << 4)).to(tl.uint8)
+        kb = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+        tl.store(q_ptr + row * (KQ // 2) + kb, byte, mask=blk_ok[:, None])
+    else:
+        tl.store(q_ptr + row * KQ + k, c.to(tl.uint8), mask=blk_ok[:, None])
+
+
+_HELPERS = {f.__name__: f for f in (_e4m3_bits, _e2m1_bits, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode)}
 _JITTED: dict[bool, object] = {}
 
 
@@ -207,7 +264,8 @@ def kernel():
     mode = interpret_mode()
     if mode not in _JITTED:
         _JITTED[mode] = (triton.jit(_act_quant_kernel, do_not_specialize=["K", "KQ", "n_groups"]),
-                         triton.jit(_chunk_amax_kernel, do_not_specialize=["K", "n_chunks"]))
+                         triton.jit(_chunk_amax_kernel, do_not_specialize=["K", "n_chunks"]),
+                         triton.jit(_mx_act_quant_kernel, do_not_specialize=["K", "KQ", "n_blocks"]))
     wo._kernels()  # _round_to_bf16, wrapped for this mode
     globals().update(helpers())
     globals()["_round_to_bf16"] = wo._round_to_bf16

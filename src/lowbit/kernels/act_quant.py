@@ -91,7 +91,7 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
         return codes, scales
     interp = interpret_mode()
     iscale = input_scale.to(device=x.device, dtype=torch.float32).contiguous() if input_scale is not None else x
-    quant, chunk_amax = aq.kernel()
+    quant, chunk_amax, _ = aq.kernel()
     flags = dict(HAS_ISCALE=input_scale is not None, FP16=x.dtype == torch.float16,
                  RNE_BF16=interp and x.dtype == torch.bfloat16, EMULATE=interp)
     split = group_size is None and split_rows(m, kq)
@@ -129,3 +129,54 @@ def split_rows(m: int, kq: int) -> bool:
 
 
 __all__ = ["quantize_activation", "quantize_activation_reference", "padded_k"]
+
+
+MX_FORMATS = ("mxfp8_e4m3", "mxfp4")
+
+
+def quantize_activation_mx_reference(x: torch.Tensor, fmt: str):
+    """lowbit.formats' MX quantization (floor rule), codes and scales padded to KQ."""
+    _check_mx(x, fmt)
+    m, k = x.shape
+    kq = padded_k(k)
+    qt = quantize_tensor(x, fmt)
+    per_byte = 2 if fmt == "mxfp4" else 1
+    codes = torch.zeros((m, kq // per_byte), dtype=torch.uint8, device=x.device)
+    codes[:, : qt.codes.shape[1]] = qt.codes
+    scales = torch.zeros((m, kq // 32), dtype=torch.uint8, device=x.device)
+    scales[:, : qt.scales.shape[1]] = qt.scales
+    return codes, scales
+
+
+def _check_mx(x: torch.Tensor, fmt: str) -> None:
+    if fmt not in MX_FORMATS:
+        raise ValueError(f"MX activation format {fmt!r}: the kernels take {', '.join(MX_FORMATS)}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
+
+
+def quantize_activation_mx(x: torch.Tensor, fmt: str, backend: str = "triton"):
+    """x [M, K] bf16/fp16 -> (codes uint8 [M, KQ] (MXFP8) or [M, KQ / 2] (MXFP4, two per
+    byte, even element in the low nibble), E8M0 scales uint8 [M, KQ / 32]): the MX
+    spec's floor rule, bit for bit lowbit.formats' (FORMATS.md)."""
+    if backend == "reference":
+        return quantize_activation_mx_reference(x, fmt)
+    _check_mx(x, fmt)
+    from . import _act_quant_triton as aq
+    from ._weight_only_triton import interpret_mode
+
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    kq = padded_k(k)
+    fp4 = fmt == "mxfp4"
+    codes = torch.empty((m, kq // 2 if fp4 else kq), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((m, kq // 32), dtype=torch.uint8, device=x.device)
+    if m:
+        blocks = 4  # 128 elements per program
+        aq.kernel()[2][(m, kq // 32 // blocks)](x, codes, scales, k, kq, x.stride(0), kq // 32, FP4=fp4, BLOCKS=blocks,
+                                                EMULATE=interpret_mode(), num_warps=1)
+    return codes, scales
+

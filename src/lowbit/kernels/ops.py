@@ -82,3 +82,29 @@ def a8w8_linear(x: torch.Tensor, pa, bias: torch.Tensor | None = None,
                 input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``a8w8_matmul(x, pa, bias, input_scale)`` through the custom op."""
     return torch.ops.lowbit.a8w8_linear(x, pa.codes, pa.scales, input_scale, bias, pa.fmt, pa.n, pa.k, pa.blockwise)
+
+
+@torch.library.custom_op("lowbit::mx_linear", mutates_args=())
+def _mx_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+    n: int,
+    k: int,
+    act_fmt: str,
+) -> torch.Tensor:
+    from .mx import PackedMX, mx_matmul
+
+    return mx_matmul(x, PackedMX(fmt, n, k, codes, scales), act_fmt, bias, backend="auto" if x.is_cuda else "triton")
+
+
+@_mx_linear.register_fake
+def _(x, codes, scales, bias, fmt, n, k, act_fmt):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def mx_linear(x: torch.Tensor, pm, act_fmt: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``mx_matmul(x, pm, act_fmt, bias)`` through the custom op."""
+    return torch.ops.lowbit.mx_linear(x, pm.codes, pm.scales, bias, pm.fmt, pm.n, pm.k, act_fmt)

@@ -37,9 +37,10 @@ class QuantLinear(nn.Module):
     GPU kernels (``lowbit.kernels``: the dispatcher picks the kernel by shape,
     as the custom op ``torch.ops.lowbit.weight_only_linear``), a8w8-fp8 and
     a8w8-int8 recipes through the A8W8 kernels (``torch.ops.lowbit.a8w8_linear``:
-    activation quantization, then the FP8/INT8 tensor-core GEMM), and everything
-    else (CPU, float32, the MX/NVFP4 activation recipes, formats without a
-    kernel) through the reference.
+    activation quantization, then the FP8/INT8 tensor-core GEMM), MX recipes
+    (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4) through the MX kernel
+    (``torch.ops.lowbit.mx_linear``, tl.dot_scaled), and everything else (CPU,
+    float32, NVFP4 activations, formats without a kernel) through the reference.
 
     T is the input transform that AWQ/SmoothQuant and rotations leave behind when
     they cannot fold it into the preceding operation, applied before activation
@@ -203,6 +204,10 @@ class QuantLinear(nn.Module):
             return a8w8_linear(xt, self.packed_a8w8(), b, self.input_scale if fused else None)
         x = self.transform_input(x)
         b = None if self.bias is None else self.bias.to(x.dtype)
+        if self._mx_applies(x):
+            from ..kernels.ops import mx_linear
+
+            return mx_linear(x, self.packed_mx(), self.activation.fmt, b)
         if self._kernel_applies(x):
             pw = self.packed_weight(x.dtype)
             if pw.triton_supported:
@@ -233,6 +238,29 @@ class QuantLinear(nn.Module):
         from ..kernels.a8w8 import a8w8_unsupported
 
         return a8w8_unsupported(self.qweight) is None
+
+    def _mx_applies(self, x: torch.Tensor) -> bool:
+        """backend "auto" on a CUDA GPU with block-scaled MMA (Blackwell, compute capability
+        10+), bf16/fp16 input, MXFP8/MXFP4 activations (the spec's floor rule) with MXFP8/MXFP4
+        weights (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4): the MX kernel. On Hopper Triton emulates
+        that MMA at 0.1-0.7x bf16 (docs/perf/experiments/a8w8-h200.md), so the reference runs."""
+        from ..kernels.mx import ACT_FORMATS, mx_native, mx_unsupported
+
+        act = self.activation
+        return (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and act.fmt in ACT_FORMATS and act.options.get("scale_rule", "floor") == "floor"
+                and mx_native(x.device) and mx_unsupported(self.qweight) is None)
+
+    def packed_mx(self):
+        """The weight in the MX kernel's layout (``lowbit.kernels.mx.pack_mx``), cached."""
+        from ..kernels.mx import pack_mx
+
+        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
+        key = ("mx", self.weight_codes.device, parts)
+        if self._pw_cache is None or self._pw_cache[0] != key:
+            self._pw_cache = None
+            self._pw_cache = (key, pack_mx(self.qweight))
+        return self._pw_cache[1]
 
     def packed_a8w8(self):
         """The weight in the A8W8 kernels' layout (``lowbit.kernels.a8w8.pack_a8w8``),

@@ -1,0 +1,86 @@
+"""Triton kernel of the MX matmul (``mx.py`` is the public op):
+y = (a * 2^Ea) @ (w * 2^Ew)^T (+ bias), both operands OCP MX (E8M0 scale per 32
+along K): MXFP8 (E4M3) or MXFP4 (E2M1, two per byte, even element low), through
+``tl.dot_scaled``. On Blackwell that is the native block-scaled MMA; on Hopper
+Triton upcasts both operands to bf16 (exact: every scaled E4M3/E2M1 value is a
+bf16 value) and runs the bf16 MMA. Products are exact, sums float32. Split-K
+writes float32 partials that the weight-only module's reduce kernel sums.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._weight_only_triton import _round_to_bf16, interpret_mode
+
+
+def _mx_gemm_kernel(
+    a_ptr, sa_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, KQ, NT, TPS, stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    A_FP4: tl.constexpr,
+    W_FP4: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    AK: tl.constexpr = BLOCK_K // 2 if A_FP4 else BLOCK_K  # bytes of a row's K tile
+    WK: tl.constexpr = BLOCK_K // 2 if W_FP4 else BLOCK_K
+    SK: tl.constexpr = BLOCK_K // 32
+    a_row = KQ // 2 if A_FP4 else KQ
+    w_row = KQ // 2 if W_FP4 else KQ
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * a_row + tl.arange(0, AK)[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * w_row + tl.arange(0, WK)[None, :]
+    sa_ptrs = sa_ptr + offs_m.to(tl.int64)[:, None] * (KQ // 32) + tl.arange(0, SK)[None, :]
+    sw_ptrs = sw_ptr + offs_n.to(tl.int64)[:, None] * (KQ // 32) + tl.arange(0, SK)[None, :]
+    A_FMT: tl.constexpr = "e2m1" if A_FP4 else "e4m3"
+    W_FMT: tl.constexpr = "e2m1" if W_FP4 else "e4m3"
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_begin = pid_k * TPS
+    t_end = tl.minimum(t_begin + TPS, NT)
+    for t in range(t_begin, t_end):
+        a = tl.load(a_ptrs + t * AK, mask=m_ok[:, None], other=0)
+        w = tl.load(w_ptrs + t * WK, mask=n_ok[:, None], other=0)
+        sa = tl.load(sa_ptrs + t * SK, mask=m_ok[:, None], other=0)
+        sw = tl.load(sw_ptrs + t * SK, mask=n_ok[:, None], other=0)
+        acc = tl.dot_scaled(a, sa, A_FMT, tl.trans(w), sw, W_FMT, acc)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if RNE_BF16:
+            acc = _round_to_bf16(acc)
+        y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_JITTED: dict[bool, object] = {}
+
+
+def kernel():
+    """The kernel, wrapped for the current mode; its device functions (the shared tile
+    order, bf16 rounding) become this module's globals in the same mode."""
+    from . import _a8w8_triton as k8
+    from . import _weight_only_triton as wo
+
+    mode = interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = triton.jit(_mx_gemm_kernel, do_not_specialize=["M", "NT", "TPS"])
+    k8.kernel()
+    wo._kernels()
+    globals()["_tile_ids"] = k8._tile_ids
+    globals()["_round_to_bf16"] = wo._round_to_bf16
+    return _JITTED[mode]

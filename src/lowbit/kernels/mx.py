@@ -1,0 +1,184 @@
+"""MX matmul: OCP microscaling activations (quantized on the fly) x MX weights.
+
+```python
+pm = pack_mx(qt)                                # qt: mxfp4 or mxfp8_e4m3 weight, once
+y = mx_matmul(x, pm, "mxfp8_e4m3", bias=None)   # a8w4-mxfp4; "mxfp4" for a4w4-mxfp4
+```
+
+Recipes: ``a8w8-mxfp8`` (MXFP8 x MXFP8), ``a8w4-mxfp4`` (MXFP8 activations x MXFP4
+weights), ``a4w4-mxfp4`` (MXFP4 x MXFP4). What runs: ``act_quant.quantize_activation_mx``
+(the spec's floor rule, bit for bit the reference's), then ``tl.dot_scaled``
+(``_mx_gemm_triton``): native block-scaled MMA on Blackwell (not run here: no such
+GPU), upcast to bf16 and the bf16 MMA on Hopper, where it measured 0.66-0.70x bf16
+at M = 1-16 and 0.11-0.21x from M = 128 on 28672x4096 (H200, docs/perf/experiments/
+a8w8-h200.md). Backends: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET),
+"reference" (fake-quantized activations times the dequantized weight, float32,
+dequantizing on every call), "auto" (triton on Blackwell and under the interpreter,
+else the reference; QuantLinear's own reference caches the dequantized weight).
+NVFP4 (E4M3 scales per 16 and a tensor scale) has no kernel yet: it runs the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import act_quant
+from .a8w8 import A8W8Config
+from .act_quant import padded_k
+
+WEIGHT_FORMATS = ("mxfp8_e4m3", "mxfp4")
+ACT_FORMATS = act_quant.MX_FORMATS
+
+
+@dataclass(frozen=True, repr=False)
+class PackedMX:
+    """An MX weight in the kernel's layout: codes uint8 [N, KQ] (E4M3) or [N, KQ / 2]
+    (E2M1 pairs), E8M0 scales uint8 [N, KQ / 32], KQ = K rounded up to 128 (zero codes)."""
+
+    fmt: str
+    n: int
+    k: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def kq(self) -> int:
+        return self.scales.shape[1] * 32
+
+    def __repr__(self) -> str:
+        return f"PackedMX({self.fmt}, N={self.n}, K={self.k}, {self.codes.device})"
+
+
+def mx_native(device: torch.device) -> bool:
+    """Whether the GPU has block-scaled MMA (Blackwell, compute capability 10+), where
+    tl.dot_scaled is one instruction; elsewhere Triton emulates it (slower than bf16)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
+
+
+def mx_unsupported(qt) -> str | None:
+    if qt.fmt not in WEIGHT_FORMATS:
+        return f"{qt.fmt} weights (the MX kernel takes {', '.join(WEIGHT_FORMATS)})"
+    if len(qt.shape) != 2 or qt.axis != 1:
+        return f"a weight of shape {tuple(qt.shape)} quantized along axis {qt.axis} (a 2-D [N, K] along K)"
+    if qt.options.get("scale_rule", "floor") != "floor":
+        return "the ceil scale rule (the kernel's activations use the spec's floor rule)"
+    return None
+
+
+def pack_mx(qt, device=None) -> PackedMX:
+    why = mx_unsupported(qt)
+    if why is not None:
+        raise ValueError(f"no MX kernel layout for {why}")
+    n, k = qt.shape
+    kq = padded_k(k)
+    device = torch.device(device) if device is not None else qt.codes.device
+    per_byte = 2 if qt.fmt == "mxfp4" else 1
+    codes = torch.zeros((n, kq // per_byte), dtype=torch.uint8, device=device)
+    codes[:, : qt.codes.shape[1]] = qt.codes.to(device)
+    scales = torch.zeros((n, kq // 32), dtype=torch.uint8, device=device)
+    scales[:, : qt.scales.shape[1]] = qt.scales.to(device)
+    return PackedMX(qt.fmt, n, k, codes, scales)
+
+
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+    """float32 [R, K] from the padded codes and scales (via lowbit.formats)."""
+    from ..formats import QTensor
+
+    r = codes.shape[0]
+    per_byte = 2 if fmt == "mxfp4" else 1
+    qt = QTensor(fmt=fmt, shape=torch.Size((r, k)), axis=1, codes=codes[:, : -(-k // per_byte)].contiguous(),
+                 scales=scales[:, : -(-k // 32)].contiguous(), tile=(1, 32), options={"scale_rule": "floor"})
+    return qt.dequantize()
+
+
+def mx_reference(x2: torch.Tensor, pm: PackedMX, act_fmt: str, bias=None) -> torch.Tensor:
+    codes, scales = act_quant.quantize_activation_mx_reference(x2, act_fmt)
+    a = _dequantize(codes, scales, act_fmt, pm.k)
+    y = a @ _dequantize(pm.codes, pm.scales, pm.fmt, pm.k).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)
+
+
+def default_mx_config(m: int, n: int, kq: int, num_sms: int = 132) -> A8W8Config:
+    """Tiled (the upcast operands go through shared memory either way): 16-row tiles
+    with split-K for few tokens, 128 x 128 above."""
+    n_k = kq // 128
+    if m <= 64:
+        bm = 16 if m <= 16 else 64
+        tiles = -(-m // bm) * -(-n // 128)
+        split = max(1, min(8, n_k // 2, -(-(2 * num_sms) // tiles)))
+        return A8W8Config(bm, 128, 128, split, 4, 3)
+    tiles = -(-m // 128) * -(-n // 128)
+    split = 1 if tiles >= num_sms else max(1, min(4, n_k // 4, -(-num_sms // tiles)))
+    return A8W8Config(128, 128, 128, split, 8, 3)
+
+
+def mx_matmul(x: torch.Tensor, pm: PackedMX, act_fmt: str, bias: torch.Tensor | None = None,
+              backend: str = "auto", config: A8W8Config | None = None) -> torch.Tensor:
+    """y = mx_quantize(x) @ W^T (+ bias), in x's dtype (bf16 or fp16)."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
+    if act_fmt not in ACT_FORMATS:
+        raise ValueError(f"activation format {act_fmt!r}: the MX kernel takes {', '.join(ACT_FORMATS)}")
+    if x.shape[-1] != pm.k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {pm.k}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"the MX matmul takes bfloat16 or float16 x, got {x.dtype} (cast it first)")
+    if bias is not None and bias.shape != (pm.n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({pm.n},)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pm.k)
+    if backend == "auto":
+        from .weight_only import _interpret
+
+        backend = "triton" if ((x.is_cuda and mx_native(x.device)) or _interpret()) else "reference"
+    if backend == "reference":
+        return mx_reference(x2, pm, act_fmt, bias).reshape(*lead, pm.n)
+    m = x2.shape[0]
+    y = torch.empty((m, pm.n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, pm.n)
+    from . import dispatch
+
+    cfg = (config or default_mx_config(m, pm.n, pm.kq, dispatch.num_sms(x.device))).check()
+    if cfg.swap or cfg.tma or cfg.block_k % 32:
+        raise ValueError(f"{cfg}: the MX kernel is tiled (swap=False, tma=False) with block_k a multiple of 32")
+    codes, scales = act_quant.quantize_activation_mx(x2, act_fmt)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    _launch(codes, scales, act_fmt, pm, bias, y, cfg)
+    return y.reshape(*lead, pm.n)
+
+
+def _launch(codes, scales, act_fmt, pm: PackedMX, bias, y, cfg: A8W8Config) -> None:
+    import triton
+
+    from . import _mx_gemm_triton as kmx
+    from ._weight_only_triton import _REDUCE_BLOCK, _kernels, interpret_mode
+
+    matmul = kmx.kernel()
+    rne = interpret_mode() and y.dtype == torch.bfloat16
+    m, n, kq = codes.shape[0], pm.n, pm.kq
+    nt = kq // cfg.block_k
+    split = max(1, min(cfg.split_k, nt))
+    tps = -(-nt // split)
+    split = -(-nt // tps)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=y.device) if split > 1 else y
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    matmul[grid](
+        codes, scales, pm.codes, pm.scales, bias if bias is not None else pm.scales, y, ws,
+        m, n, kq, nt, tps, y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        A_FP4=act_fmt == "mxfp4", W_FP4=pm.fmt == "mxfp4", PARTIAL=split > 1, HAS_BIAS=bias is not None,
+        RNE_BF16=rne, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _, reduce, _ = _kernels()
+        mn = m * n
+        reduce[(triton.cdiv(mn, _REDUCE_BLOCK),)](
+            ws, bias if bias is not None else pm.scales, y, mn, n, split,
+            BLOCK=_REDUCE_BLOCK, HAS_BIAS=bias is not None, RNE_BF16=rne, num_warps=4,
+        )

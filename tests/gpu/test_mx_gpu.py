@@ -1,0 +1,102 @@
+"""The MX path compiled on CUDA (run on the H200: `pytest -m gpu tests/gpu`): MX
+activation codes and scales bit for bit against lowbit.formats (elements against
+ml_dtypes on every bf16 value), the tl.dot_scaled GEMM (Hopper: Triton's bf16
+emulation) against the float64 product of its operands, and QuantLinear."""
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit import quantize_, quantize_tensor
+from lowbit.kernels import dispatch
+from lowbit.kernels.a8w8 import A8W8Config
+from lowbit.kernels.act_quant import quantize_activation_mx, quantize_activation_mx_reference
+from lowbit.kernels.mx import _dequantize, mx_matmul, pack_mx
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _compiled(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    dispatch.forget_loaded_caches()
+    pytest.importorskip("triton", reason="needs triton")
+
+
+def _x(m, k, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    scale = torch.logspace(-4, 2, k, device="cuda")[torch.randperm(k, device="cuda", generator=g)]
+    x = torch.randn(m, k, device="cuda", generator=g) * scale
+    if m > 1:
+        x[1] = 0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(5, 333), (300, 4096)])
+def test_mx_activation_codes_and_scales_bit_exact(fmt, dtype, m, k):
+    x = _x(m, k, dtype, seed=k)
+    x[0, 3] = float("nan")
+    codes, scales = quantize_activation_mx(x, fmt)
+    ref_codes, ref_scales = quantize_activation_mx_reference(x, fmt)
+    assert torch.equal(codes, ref_codes), f"{int((codes != ref_codes).sum())} code bytes differ"
+    assert torch.equal(scales, ref_scales)
+
+
+@pytest.mark.parametrize("fmt,top,np_type,clip", [("mxfp4", 4.0, "float4_e2m1fn", 6.0),
+                                                  ("mxfp8_e4m3", 256.0, "float8_e4m3fn", 448.0)])
+def test_elements_of_every_bf16_value_match_ml_dtypes(fmt, top, np_type, clip):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    vals = bits[bits < 2 * top]
+    vals = torch.cat([vals, -vals])
+    nb = -(-vals.numel() // 31)
+    body = torch.zeros(nb * 31)
+    body[: vals.numel()] = vals
+    x = torch.cat([torch.full((nb, 1), top), body.reshape(nb, 31)], 1).reshape(1, -1).to(torch.bfloat16)
+    codes, scales = quantize_activation_mx(x.cuda(), fmt)
+    expect = np.clip(x.float().numpy(), -clip, clip).astype(getattr(ml_dtypes, np_type)).astype(np.float32)
+    got = _dequantize(codes.cpu(), scales.cpu(), fmt, x.shape[1]).numpy()
+    assert np.array_equal(got, expect), f"{int((got != expect).sum())} differ"
+
+
+@pytest.mark.parametrize("wfmt,afmt", [("mxfp4", "mxfp8_e4m3"), ("mxfp4", "mxfp4"), ("mxfp8_e4m3", "mxfp8_e4m3")])
+@pytest.mark.parametrize("m", [1, 16, 200])
+@pytest.mark.parametrize("cfg", [None, A8W8Config(16, 128, 128, split_k=4, num_warps=4, num_stages=3),
+                                 A8W8Config(128, 128, 128, num_warps=8, num_stages=3)])
+def test_mx_gemm_equals_the_exact_product(wfmt, afmt, m, cfg):
+    for n, k in ((4096, 4096), (1000, 1111)):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        pm = pack_mx(quantize_tensor(torch.randn(n, k, device="cuda", generator=g) * 0.02, wfmt))
+        dtype = torch.bfloat16 if n == 4096 else torch.float16
+        x = _x(m, k, dtype, seed=m)
+        y = mx_matmul(x, pm, afmt, config=cfg)
+        codes, scales = quantize_activation_mx_reference(x, afmt)
+        a = _dequantize(codes, scales, afmt, k).double()
+        w = _dequantize(pm.codes, pm.scales, pm.fmt, k).double()
+        exact, s = a @ w.T, a.abs() @ w.abs().T
+        err = (y.double() - exact).abs()
+        eps = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        assert bool((err <= eps * exact.abs() + 1e-6 * s + 1e-30).all()), (n, k)
+
+
+def test_quantlinear_runs_mx_recipes():
+    from torch import nn
+
+    for recipe in ("a8w4-mxfp4", "a4w4-mxfp4", "a8w8-mxfp8"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(512, 384), nn.GELU(), nn.Linear(384, 256)).cuda().to(torch.bfloat16)
+        quantize_(m, recipe, progress=False)
+        x = torch.randn(3, 7, 512, device="cuda", dtype=torch.bfloat16)
+        from lowbit.kernels.mx import mx_native
+
+        assert m[0]._mx_applies(x) == mx_native(x.device)  # Hopper: the reference (emulation is slower)
+        y = m(x)
+        for mod in m.modules():
+            if hasattr(mod, "backend"):
+                mod.backend = "reference"
+        y_ref = m(x)
+        err = float((y.float() - y_ref.float()).abs().max() / y_ref.float().abs().max())
+        assert err < 2e-2, (recipe, err)

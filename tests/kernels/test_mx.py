@@ -1,0 +1,132 @@
+"""The MX path under Triton's CPU interpreter: the MX activation quantization kernel
+(codes and E8M0 scales bit for bit against lowbit.formats; E2M1 and E4M3 elements
+against ml_dtypes) and the tl.dot_scaled GEMM (against the float64 product of its own
+dequantized operands), on small odd shapes."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from lowbit import quantize_tensor  # noqa: E402
+from lowbit.kernels import dispatch  # noqa: E402
+from lowbit.kernels.a8w8 import A8W8Config  # noqa: E402
+from lowbit.kernels.act_quant import quantize_activation_mx, quantize_activation_mx_reference  # noqa: E402
+from lowbit.kernels.mx import _dequantize, mx_matmul, pack_mx  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    dispatch.forget_loaded_caches()
+
+
+def _x(m, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-4, 2, k)[torch.randperm(k, generator=g)]
+    if m > 1:
+        x[1] = 0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mx_activation_codes_and_scales_equal_the_reference(fmt, dtype):
+    x = _x(4, 333, dtype, seed=3)
+    x[2, 40] = float("nan")
+    x[3, 300] = float("-inf")
+    codes, scales = quantize_activation_mx(x, fmt)
+    ref_codes, ref_scales = quantize_activation_mx_reference(x, fmt)
+    assert codes.shape == ref_codes.shape and scales.shape == (4, 384 // 32)
+    assert torch.equal(codes, ref_codes), f"{int((codes != ref_codes).sum())} code bytes differ"
+    assert torch.equal(scales, ref_scales)
+    assert int(scales[2, 1]) == 255 and int(scales[3, 9]) == 255  # the NaN/Inf blocks
+
+
+@pytest.mark.parametrize("fmt,top,emax,np_type,clip", [
+    ("mxfp4", 4.0, 2, "float4_e2m1fn", 6.0),
+    ("mxfp8_e4m3", 256.0, 8, "float8_e4m3fn", 448.0),
+])
+def test_elements_of_every_bf16_value_match_ml_dtypes(fmt, top, emax, np_type, clip):
+    """Blocks open with `top` (scale exponent floor(log2 top) - emax = 0, so X = 1) and
+    hold every bf16 value below 2 * top: the codes are the element rounding itself."""
+    bits = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    vals = bits[bits < 2 * top]
+    vals = torch.cat([vals, -vals])
+    per_block = 31
+    nb = -(-vals.numel() // per_block)
+    body = torch.zeros(nb * per_block)
+    body[: vals.numel()] = vals
+    x = torch.cat([torch.full((nb, 1), top), body.reshape(nb, per_block)], 1).reshape(1, -1).to(torch.bfloat16)
+    codes, scales = quantize_activation_mx(x, fmt)
+    assert bool((scales[0, :nb] == 127).all())
+    expect = np.clip(x.float().numpy(), -clip, clip).astype(getattr(ml_dtypes, np_type))
+    got = _dequantize(codes, scales, fmt, x.shape[1]).numpy()
+    assert np.array_equal(got, expect.astype(np.float32)), f"{int((got != expect.astype(np.float32)).sum())} differ"
+
+
+PAIRS = [("mxfp4", "mxfp8_e4m3"), ("mxfp4", "mxfp4"), ("mxfp8_e4m3", "mxfp8_e4m3")]
+CONFIGS = {"small": A8W8Config(16, 32, 64, split_k=3), "tile": A8W8Config(32, 64, 128)}
+EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize("wfmt,afmt", PAIRS)
+@pytest.mark.parametrize("m,n,k", [(1, 97, 200), (17, 64, 333)])
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_mx_gemm_equals_the_exact_product(wfmt, afmt, m, n, k, cfg):
+    dtype = torch.bfloat16 if m == 1 else torch.float16
+    g = torch.Generator().manual_seed(n)
+    pm = pack_mx(quantize_tensor(torch.randn(n, k, generator=g) * 0.05, wfmt))
+    x = _x(m, k, dtype, seed=m + k)
+    bias = torch.randn(n, generator=g).to(dtype) if m > 1 else None
+    y = mx_matmul(x, pm, afmt, bias, backend="triton", config=CONFIGS[cfg])
+    codes, scales = quantize_activation_mx_reference(x, afmt)
+    a = _dequantize(codes, scales, afmt, k).double()
+    w = _dequantize(pm.codes, pm.scales, pm.fmt, k).double()
+    exact, s = a @ w.T, a.abs() @ w.abs().T
+    if bias is not None:
+        exact, s = exact + bias.double(), s + bias.double().abs()
+    err = (y.double() - exact).abs()
+    assert bool((err <= EPS[dtype] * exact.abs() + 1e-6 * s + 1e-30).all())
+
+
+def test_clear_errors():
+    pm = pack_mx(quantize_tensor(torch.randn(8, 64), "mxfp4"))
+    with pytest.raises(ValueError, match="activation format"):
+        mx_matmul(torch.randn(2, 64, dtype=torch.bfloat16), pm, "nvfp4")
+    with pytest.raises(ValueError, match="MX kernel layout.*nvfp4"):
+        pack_mx(quantize_tensor(torch.randn(8, 64), "nvfp4"))
+    with pytest.raises(ValueError, match="tiled"):
+        mx_matmul(torch.randn(2, 64, dtype=torch.bfloat16), pm, "mxfp4", config=A8W8Config(16, 64, swap=True))
+
+
+def test_custom_op_and_leading_dims():
+    from lowbit.kernels.ops import mx_linear
+
+    pm = pack_mx(quantize_tensor(torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * 0.05, "mxfp4"))
+    x = _x(6, 96, torch.bfloat16, seed=5).reshape(2, 3, 96)
+    y = mx_linear(x, pm, "mxfp8_e4m3")
+    assert y.shape == (2, 3, 40)
+    ref = mx_matmul(x, pm, "mxfp8_e4m3", backend="reference")
+    assert float((y.float() - ref.float()).abs().max()) <= 2.0**-7 * float(ref.float().abs().max())
+
+
+def test_negative_zero_keeps_its_sign_bit():
+    """fp16 rows underflow to -0.0; the reference (and ml_dtypes) code it as E2M1 0x8."""
+    x = torch.zeros(2, 64, dtype=torch.float16)
+    x[:, 0] = 4.0
+    x[:, 1] = -0.0
+    x[:, 2] = -0.1
+    for fmt in ("mxfp4", "mxfp8_e4m3"):
+        codes, scales = quantize_activation_mx(x, fmt)
+        ref_codes, ref_scales = quantize_activation_mx_reference(x, fmt)
+        assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales), fmt
