@@ -764,21 +764,42 @@ def _dot_type(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
+def split_k_plan(nt: int, split_k: int, y: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """K tiles ``nt`` over at most ``split_k`` programs, none empty -> (split, tiles per
+    split, where the matmul kernel writes: a float32 workspace [split, M, N], or y itself)."""
+    split = max(1, min(split_k, nt))
+    tps = -(-nt // split)
+    split = -(-nt // tps)
+    m, n = y.shape
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=y.device) if split > 1 else y
+    return split, tps, ws
+
+
+def reduce_split(ws: torch.Tensor, split: int, bias: torch.Tensor | None, y: torch.Tensor, rne: bool) -> None:
+    """y = sum of the workspace's partials (+ bias), cast; nothing to do for one split."""
+    if split == 1:
+        return
+    _, reduce, _ = _kernels()
+    m, n = y.shape
+    mn = m * n
+    reduce[(triton.cdiv(mn, _REDUCE_BLOCK),)](
+        ws, bias if bias is not None else ws, y, mn, n, split,
+        BLOCK=_REDUCE_BLOCK, HAS_BIAS=bias is not None, RNE_BF16=rne, num_warps=4,
+    )
+
+
 def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg):
     """y[M, N] = x2[M, K] @ W^T (+ bias) with the config ``cfg`` (a WeightOnlyConfig
     already validated for ``pw``). x2 has unit stride along K, y is contiguous.
     Returns the matmul kernel's launch handle (its compiled code, for inspection)."""
-    matmul, reduce, _ = _kernels()
+    matmul, _, _ = _kernels()
     interp = interpret_mode()
     rne = x2.dtype == torch.bfloat16 and interp
     lay = pw.layout
     m, k = x2.shape
     n = pw.n
     nt = lay.n_tiles
-    split = max(1, min(cfg.split_k, nt))
-    tps = -(-nt // split)
-    split = -(-nt // tps)  # no empty split
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
+    split, tps, ws = split_k_plan(nt, cfg.split_k, y)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     handle = matmul[grid](
         x2, pw.codes, pw.scales, pw.biases if pw.biases is not None else pw.scales,
@@ -804,12 +825,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if split > 1:
-        mn = m * n
-        reduce[(triton.cdiv(mn, _REDUCE_BLOCK),)](
-            ws, bias if bias is not None else pw.scales, y, mn, n, split,
-            BLOCK=_REDUCE_BLOCK, HAS_BIAS=bias is not None, RNE_BF16=rne, num_warps=4,
-        )
+    reduce_split(ws, split, bias, y, rne)
     return handle
 
 

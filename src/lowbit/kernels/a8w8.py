@@ -315,7 +315,7 @@ def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
     import triton
 
     from . import _a8w8_triton as k8
-    from ._weight_only_triton import _REDUCE_BLOCK, _kernels, interpret_mode
+    from ._weight_only_triton import interpret_mode, reduce_split, split_k_plan
 
     matmul = k8.kernel()
     interp = interpret_mode()
@@ -328,10 +328,7 @@ def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
         _launch_tma(codes, sa, pa, bias, y, cfg)
         return
     nt = kq // cfg.block_k
-    split = max(1, min(cfg.split_k, nt))
-    tps = -(-nt // split)
-    split = -(-nt // tps)
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=y.device) if split > 1 else y
+    split, tps, ws = split_k_plan(nt, cfg.split_k, y)
     a_op, w_op = codes, pa.codes
     if not interp and pa.fmt == "fp8_e4m3":
         a_op, w_op = codes.view(torch.float8_e4m3fn), pa.codes.view(torch.float8_e4m3fn)
@@ -346,13 +343,7 @@ def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
         SEG=promotion_tiles(pa, cfg.block_k),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split > 1:
-        _, reduce, _ = _kernels()
-        mn = m * n
-        reduce[(triton.cdiv(mn, _REDUCE_BLOCK),)](
-            ws, bias if bias is not None else pa.scales, y, mn, n, split,
-            BLOCK=_REDUCE_BLOCK, HAS_BIAS=bias is not None, RNE_BF16=rne, num_warps=4,
-        )
+    reduce_split(ws, split, bias, y, rne)
 
 
 def _launch_tma(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:

@@ -157,16 +157,13 @@ def _launch(codes, scales, act_fmt, pm: PackedMX, bias, y, cfg: A8W8Config) -> N
     import triton
 
     from . import _mx_gemm_triton as kmx
-    from ._weight_only_triton import _REDUCE_BLOCK, _kernels, interpret_mode
+    from ._weight_only_triton import interpret_mode, reduce_split, split_k_plan
 
     matmul = kmx.kernel()
     rne = interpret_mode() and y.dtype == torch.bfloat16
     m, n, kq = codes.shape[0], pm.n, pm.kq
     nt = kq // cfg.block_k
-    split = max(1, min(cfg.split_k, nt))
-    tps = -(-nt // split)
-    split = -(-nt // tps)
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=y.device) if split > 1 else y
+    split, tps, ws = split_k_plan(nt, cfg.split_k, y)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     matmul[grid](
         codes, scales, pm.codes, pm.scales, bias if bias is not None else pm.scales, y, ws,
@@ -175,10 +172,4 @@ def _launch(codes, scales, act_fmt, pm: PackedMX, bias, y, cfg: A8W8Config) -> N
         A_FP4=act_fmt == "mxfp4", W_FP4=pm.fmt == "mxfp4", PARTIAL=split > 1, HAS_BIAS=bias is not None,
         RNE_BF16=rne, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split > 1:
-        _, reduce, _ = _kernels()
-        mn = m * n
-        reduce[(triton.cdiv(mn, _REDUCE_BLOCK),)](
-            ws, bias if bias is not None else pm.scales, y, mn, n, split,
-            BLOCK=_REDUCE_BLOCK, HAS_BIAS=bias is not None, RNE_BF16=rne, num_warps=4,
-        )
+    reduce_split(ws, split, bias, y, rne)
