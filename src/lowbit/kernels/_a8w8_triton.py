@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _act_quant_triton as aq
-from ._weight_only_triton import _round_to_bf16, interpret_mode
+from ._weight_only_triton import _round_to_bf16, _store_tile, interpret_mode
 
 
 def _operand(codes, INT8: tl.constexpr, EMULATE: tl.constexpr):
@@ -150,26 +150,8 @@ def _a8w8_kernel(
             acc = acc * sw[:, None] * sa[None, :]
         else:
             acc = acc * sa[:, None] * sw[None, :]
-    if SWAP:
-        mask = n_ok[:, None] & m_ok[None, :]
-        out_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-        y_off = offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-    else:
-        mask = m_ok[:, None] & n_ok[None, :]
-        out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    if PARTIAL:
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            if SWAP:
-                acc += bias[:, None]
-            else:
-                acc += bias[None, :]
-        if RNE_BF16:
-            acc = _round_to_bf16(acc)
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(acc, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
+                SWAP, PARTIAL, HAS_BIAS, RNE_BF16)
 
 
 def _a8w8_tma_kernel(
@@ -254,4 +236,5 @@ def kernel():
     globals().update(aq.helpers())
     globals().update(own)
     globals()["_round_to_bf16"] = wo._round_to_bf16
+    globals()["_store_tile"] = wo._store_tile
     return matmul

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._weight_only_triton import _round_to_bf16, interpret_mode
+from ._weight_only_triton import _round_to_bf16, _store_tile, interpret_mode
 
 
 def _mx_gemm_kernel(
@@ -54,17 +54,8 @@ def _mx_gemm_kernel(
         sa = tl.load(sa_ptrs + t * SK, mask=m_ok[:, None], other=0)
         sw = tl.load(sw_ptrs + t * SK, mask=n_ok[:, None], other=0)
         acc = tl.dot_scaled(a, sa, A_FMT, tl.trans(w), sw, W_FMT, acc)
-    mask = m_ok[:, None] & n_ok[None, :]
-    if PARTIAL:
-        out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + out_off, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if RNE_BF16:
-            acc = _round_to_bf16(acc)
-        y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(acc, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
+                False, PARTIAL, HAS_BIAS, RNE_BF16)
 
 
 _JITTED: dict[bool, object] = {}
@@ -83,4 +74,5 @@ def kernel():
     wo._kernels()
     globals()["_tile_ids"] = k8._tile_ids
     globals()["_round_to_bf16"] = wo._round_to_bf16
+    globals()["_store_tile"] = wo._store_tile
     return _JITTED[mode]

@@ -598,8 +598,15 @@ def _wo_kernel(
     # ---- epilogue: partials, or bias + cast + store
     if MODE == 2:
         acc = tl.sum(acc, axis=0)[None, :]
-    n_ok = offs_n < N
-    if MODE == 1:
+    _store_tile(acc, offs_m, offs_n, m_ok, offs_n < N, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
+                MODE == 1, PARTIAL, HAS_BIAS, RNE_BF16)
+
+
+def _store_tile(acc, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
+                SWAP: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, RNE_BF16: tl.constexpr):
+    """The matmul kernels' epilogue: acc (float32; [BLOCK_N, BLOCK_M] when SWAP, y^T)
+    -> the split-K workspace ws[pid_k] as is, or + bias, cast and stored into y."""
+    if SWAP:
         mask = n_ok[:, None] & m_ok[None, :]
         out_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
         y_off = offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
@@ -612,7 +619,7 @@ def _wo_kernel(
     else:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            if MODE == 1:
+            if SWAP:
                 acc += bias[:, None]
             else:
                 acc += bias[None, :]
@@ -720,7 +727,7 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _round_to_bf16, _emulate, _acc_chunk, _load_group,
+_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
                                     _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile,
                                     _gemv_chunk, _gemv_flush, _gemv_int_tile)}
 
