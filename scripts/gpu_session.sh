@@ -55,7 +55,8 @@ esac
 case " $STEPS " in *" tune "*)
   # the shipped H200 table: the benchmark's and the decode model's shapes
   "$PY" -m lowbit tune --model "${LOWBIT_TUNE_SHAPES:-llama3-8b,llama3-70b.down,smollm2-135m.gate_up,128256x4096}" \
-    --recipe ${LOWBIT_TUNE_RECIPES:-a16w4-int-g128 a16w4-mxfp4 a16w8-int8} --m "${LOWBIT_TUNE_M:-1,16,128,1024,8192}" \
+    --recipe ${LOWBIT_TUNE_RECIPES:-a16w4-int-g128 a16w4-mxfp4 a16w8-int8 a8w8-fp8 a8w8-int8} \
+    --m "${LOWBIT_TUNE_M:-1,16,128,1024,8192}" \
     --budget-s "${LOWBIT_TUNE_S:-240}" \
     > "$OUT/tune.log" 2>&1
   r=$?; rc=$(( rc || r )); tail -n 3 "$OUT/tune.log"; cp "$HOME"/.cache/lowbit/tuning/*.json "$OUT/" 2>/dev/null
