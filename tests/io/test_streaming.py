@@ -145,8 +145,9 @@ def test_refusals_before_any_work(src, tmp_path):
                                             r"K per GPU 64 is not a multiple of the group of 128"):
         quantize_checkpoint(src, tmp_path / "a", "a16w4-int-g128", tp=8, progress=False)
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
-    with pytest.raises(QuantizeError, match="calibrated methods.*in memory"):
-        quantize_checkpoint(src, tmp_path / "b", "a16w4-int-g32-gptq", progress=False)
+    with pytest.raises(QuantizeError, match="calibrated recipes need calibration token ids, and .* has no tokenizer "
+                                            r"\(tokenizer.json.*calibration=ids"):
+        quantize_checkpoint(src, tmp_path / "b", "a16w4-int-g32-gptq", progress=False)  # no tokenizer files
     with pytest.raises(QuantizeError, match=r"cannot export as compressed-tensors:\n  18 layer\(s\) \(model.layers.0.mlp.gate_proj.*K=256 is not a multiple "
                                             r"of the group size 96"):
         quantize_checkpoint(src, tmp_path / "c", "a16w4-int-g96", export="compressed-tensors", progress=False)

@@ -154,9 +154,14 @@ def export_lowbit_checkpoint(src: Path, out, convert: bool = False, max_shard_by
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .streaming import quantize_checkpoint
 
+    seqs, length = getattr(args, "calibration_seqs", 128), getattr(args, "calibration_len", 512)
+    if seqs < 1 or length < 2:
+        raise ValueError("--calibration-seqs must be >= 1 and --calibration-len >= 2")
     res = quantize_checkpoint(args.src, args.out, args.recipe, export=args.export, skip=tuple(args.skip),
                               weight_options=_weight_options(args), tp=args.tp, convert=args.convert,
-                              shard_bytes=parse_size(args.shard_size), restart=args.restart)
+                              shard_bytes=parse_size(args.shard_size), restart=args.restart,
+                              calibration_text=getattr(args, "calibration", None), calibration_seqs=seqs,
+                              calibration_len=length)
     print(res)
     if args.export == "compressed-tensors":
         print(f"serve it: vllm serve {args.out}" + (f" --tensor-parallel-size {args.tp}" if args.tp else ""))
@@ -220,6 +225,13 @@ def add_commands(sub) -> None:
                    help="compressed-tensors: convert what it cannot store exactly and report the error")
     q.add_argument("--shard-size", default="5GB", help="largest output shard for compressed-tensors (default 5GB)")
     q.add_argument("--restart", action="store_true", help="discard an interrupted run in --out instead of resuming")
+    q.add_argument("--calibration", metavar="FILE",
+                   help="calibration text for -gptq/-awq/-smooth, tokenized with the source's tokenizer "
+                        "(default: the calibration half of pydoc_data.topics)")
+    q.add_argument("--calibration-seqs", type=int, default=128,
+                   help="at most this many calibration sequences (default: 128)")
+    q.add_argument("--calibration-len", type=int, default=512,
+                   help="tokens per calibration sequence (default: 512)")
     q.set_defaults(func=cmd_quantize)
 
     c = sub.add_parser("check", help="will a checkpoint split cleanly over N GPUs (tensor parallel)?")

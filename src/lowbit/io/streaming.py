@@ -20,10 +20,20 @@ directory in the compressed-tensors format (shards + index + config.json with it
 ``quantization_config``, what vLLM and transformers load). config.json, the
 tokenizer and generation config are copied from the source.
 
-Methods: round to nearest and the calibration-free methods (-hqq) run per weight
-on the fly. Methods that need calibration data (-gptq, -awq, -smooth) and the
-transforms (-rot, -awq, -smooth) are not run by the streaming path yet: quantize
-in memory with ``lowbit.quantize_`` for those.
+Methods: round to nearest and the calibration-free methods (-hqq, -rot) run per
+weight on the fly. Methods that need calibration data (-gptq, -awq, -smooth) run one
+decoder block at a time (lowbit.io.layerwise): the model's skeleton is built on the
+meta device, block 0's inputs are captured for the calibration ids, and each block is
+read, quantized from its cached inputs exactly as ``lowbit.quantize_(model, recipe,
+calibration=ids)`` does in memory, and run to give the next block's inputs; those are
+saved in the partial directory after every block so that a resumed run continues bit
+for bit. Full-precision tensors that calibration changes (norms that absorb AWQ or
+SmoothQuant scales) are written from their new values. Calibration ids default to
+the calibration half of pydoc_data.topics through the source's tokenizer
+(``calibration_text``, ``calibration_seqs``, ``calibration_len``). Compressed-tensors
+output refuses rotations (before any work) and AWQ/SmoothQuant scales left as a
+layer's input_scale (at the first block that has one): that format has no input
+transform.
 """
 
 from __future__ import annotations
@@ -330,26 +340,25 @@ CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many weig
 
 
 def _quantize_weight(w: torch.Tensor, recipe: Recipe, opts: dict, method_options: dict | None,
-                     chunk_elements: int | None = None):
+                     chunk_elements: int | None = None) -> tuple[QTensor, int | None]:
+    """One weight through a calibration-free recipe: -> (QTensor, Hadamard block of -rot or None)."""
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     if recipe.method == "rtn":
         q0 = quantize_tensor(w[:1], recipe.weight_fmt, **opts)  # the tile: one row per scale?
         rows = max(1, chunk_elements // max(1, w.shape[1]))
         per_row = q0.tile[0] == 1 and q0.options.get("granularity") not in ("tensor", "block")
         if not per_row or q0.global_scale is not None or w.shape[0] <= rows:
-            return quantize_tensor(w, recipe.weight_fmt, **opts)
+            return quantize_tensor(w, recipe.weight_fmt, **opts), None
         # scales cover one row each: quantizing row chunks gives the same QTensor, in less memory
         parts = [quantize_tensor(w[i:i + rows], recipe.weight_fmt, **opts) for i in range(0, w.shape[0], rows)]
         cat = lambda name: (None if getattr(q0, name) is None  # noqa: E731
                             else torch.cat([getattr(p, name) for p in parts], dim=0))
         return QTensor(fmt=q0.fmt, shape=w.shape, axis=1, codes=cat("codes"), scales=cat("scales"),
-                       zeros=cat("zeros"), tile=q0.tile, options=dict(q0.options)).validate()
+                       zeros=cat("zeros"), tile=q0.tile, options=dict(q0.options)).validate(), None
     from ..quant.methods import quantize_linear_weight
 
     q, rot = quantize_linear_weight(w, recipe, opts, method_options)
-    if rot is not None:  # pragma: no cover - refused at planning
-        raise QuantizeError("rotations are not supported by the streaming path")
-    return q
+    return q, rot
 
 
 def _wrap(name: str, module: nn.Module) -> nn.Module:
@@ -368,6 +377,8 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, recipe: 
                         export: str = "lowbit", skip=("lm_head",), weight_options: dict | None = None,
                         method_options: dict | None = None, tp: int | None = None, convert: bool = False,
                         shard_bytes: int = 5 << 30, restart: bool = False, progress: bool = True,
+                        calibration=None, calibration_text: str | os.PathLike | None = None,
+                        calibration_seqs: int = 128, calibration_len: int = 512,
                         on_unit=None) -> QuantizeResult:
     """Quantize the checkpoint ``src`` block by block into ``out`` (see the module docstring).
 
@@ -378,6 +389,11 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, recipe: 
     convert: compressed-tensors only: allow converting what it cannot store exactly
         (methods that leave float zero points, NVFP4 siblings quantized apart).
     restart: discard an interrupted run in ``out`` instead of resuming it.
+    calibration: token ids for the calibrated methods (-gptq, -awq, -smooth), a LongTensor
+        [n, seq] or a list of them, as for ``lowbit.quantize_``; by default they are made
+        with the source's tokenizer from ``calibration_text`` (a text file) or the
+        calibration half of pydoc_data.topics: at most ``calibration_seqs`` sequences of
+        ``calibration_len`` tokens (what ``lowbit eval`` uses).
     on_unit: called with the unit name after each block is written (tests use it to
         interrupt a run).
     """
@@ -385,11 +401,14 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, recipe: 
     if export not in EXPORTS:
         raise QuantizeError(f"export must be one of {EXPORTS}, got {export!r}")
     r = parse_recipe(recipe) if isinstance(recipe, str) else recipe
-    if r.transform is not None or r.needs_calibration:
+    if export == "compressed-tensors" and r.transform == "rot":
         raise QuantizeError(
-            f"recipe {r.name!r}: the streaming path runs round to nearest and calibration-free quantizers "
-            "(-rtn, -hqq); transforms and calibrated methods (-rot, -awq, -smooth, -gptq) run in memory: "
-            "lowbit.quantize_(model, recipe, calibration=ids)")
+            f"recipe {r.name!r}: a Hadamard rotation of the layers' inputs (-rot) cannot be expressed in the "
+            "compressed-tensors checkpoints this exporter writes (no input transform is stored: vLLM would "
+            "multiply unrotated activations by rotated weights); write lowbit's format (--export lowbit) or "
+            "use a recipe without -rot")
+    if not r.needs_calibration and calibration is not None:
+        calibration = None  # as lowbit.quantize_: recipes without calibrated methods ignore it
     from . import compressed_tensors as ct
 
     user = ct.export_weight_options(r, weight_options) if export == "compressed-tensors" else dict(weight_options or {})
@@ -397,14 +416,16 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, recipe: 
     out = Path(out)
     source = open_source(src)
     try:
+        cal = dict(ids=calibration, text=calibration_text, seqs=calibration_seqs, len=calibration_len,
+                   user_options=user)
         return _run(source, out, r, opts, export, tuple(skip), method_options, tp, convert, shard_bytes, restart,
-                    progress, on_unit, t0)
+                    progress, on_unit, t0, cal)
     finally:
         source.close()
 
 
 def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, method_options, tp, convert,
-         shard_bytes, restart, progress, on_unit, t0) -> QuantizeResult:
+         shard_bytes, restart, progress, on_unit, t0, cal_args) -> QuantizeResult:
     from . import compressed_tensors as ct
     from . import tp as tpmod
     from .checkpoint import FORMAT_VERSION, META_FILE, TENSORS_FILE, _state_of, _tables_sha256
@@ -449,12 +470,36 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
     else:
         tp_warnings = 0
 
+    # calibration data (calibrated recipes): the ids and their digest, part of the run's settings
+    cal_ids, cal_source, digest, cal = None, "", None, None
+    if r.needs_calibration:
+        from ..quant.calibration import as_batches
+        from . import layerwise
+
+        if cal_args["ids"] is not None:
+            cal_ids, cal_source = cal_args["ids"], "calibration ids given by the caller"
+        else:
+            try:
+                cal_ids, cal_source = layerwise.default_calibration_ids(source, cal_args["text"], cal_args["seqs"],
+                                                                        cal_args["len"])
+            except (layerwise.LayerwiseError, ValueError, FileNotFoundError) as e:
+                raise QuantizeError(str(e)) from None
+        try:
+            digest = layerwise.calibration_digest(as_batches(cal_ids))
+            # the model's skeleton (meta device) and its blocks; refuses what it cannot run, before any work
+            cal = layerwise.LayerwiseCalibration(source, r, quant, cal_args["user_options"] or None, method_options,
+                                                 cal_ids, out / PARTIAL)
+        except (ValueError, layerwise.LayerwiseError) as e:
+            raise QuantizeError(str(e)) from None
+
     # resume bookkeeping
     partial = out / PARTIAL
     signature = _jsonable({"version": STREAM_VERSION, "source": [source.kind, str(src_name(source))],
                            "fingerprint": source.fingerprint(), "recipe": r.name, "weight_options": opts,
                            "method_options": method_options or {}, "export": export, "skip": list(skip),
                            "convert": convert})
+    if digest is not None:
+        signature["calibration"] = digest
     state = {"signature": signature, "done": {}}
     if partial.exists():
         try:
@@ -485,6 +530,12 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
         if done_before:
             bar.write(f"resuming: {len(done_before)} of {len(units)} blocks already done in {partial}")
 
+    if cal is not None:
+        if bar:
+            how = ("sequential (each block calibrated on the quantized blocks before it)" if cal.sequential
+                   else "each block calibrated on the full-precision outputs of the blocks before it")
+            bar.write(f"calibration: {cal_source}; {len(cal.blocks)} blocks of {cal.list_name}, {how}")
+        started = False
     for uname, unames in units:
         if uname in state["done"]:
             continue
@@ -493,13 +544,50 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
         entries: list[st.Entry] = []
         notes: list[str] = []
         qs: dict[str, QTensor] = {}
+        rot: dict[str, int | None] = {}
         originals: dict[str, torch.Tensor] = {}
+        biases: dict[str, torch.Tensor | None] = {}
         unit_layers = _unit_layers(unames, qset)
-        for l in unit_layers:
+        calib_rec = None
+        block = None
+        if cal is not None and uname in cal.block_units:
+            # calibrated: the whole block at once, from the cached inputs (lowbit.io.layerwise)
+            block = cal.block_units[uname]
             if bar:
-                bar.set_postfix_str(l, refresh=False)
-            w = source.get(f"{l}.weight")
-            q = _quantize_weight(w, r, opts, method_options)
+                bar.set_postfix_str(f"{uname} (calibration)", refresh=False)
+            try:
+                if not started:
+                    cal.start(block)
+                    started = True
+                blk = cal.quantize_block(block)
+            except layerwise.LayerwiseError as e:
+                raise QuantizeError(str(e)) from None
+            qls = {f"{uname}.{n}": m for n, m in blk.named_modules() if isinstance(m, QuantLinear)}
+            kept_scale = [l for l, m in qls.items() if m.input_scale is not None]
+            if export == "compressed-tensors" and kept_scale:
+                last_names = " ".join(sorted({l.rsplit(".", 1)[1] for l in kept_scale}))
+                raise QuantizeError(
+                    f"{', '.join(kept_scale)}: {r.transform} left an input scale (x / s before the layer) that no "
+                    "preceding norm or linear layer of the block could absorb; compressed-tensors checkpoints have no "
+                    "place for it (a reader would skip the division); write lowbit's format (--export lowbit), "
+                    f"keep these layers in full precision (--skip {last_names}), "
+                    "or use a recipe without the transform (e.g. -gptq)")
+            for l in unit_layers:
+                ql = qls[l]
+                qs[l], rot[l], biases[l] = ql.qweight, ql.rotation_block, ql.bias
+            changed = cal.changed_tensors(block, blk)
+            calib_rec = {"input_scale": len(kept_scale), "changed": sorted(changed)}
+            entries += [st.Entry.of(k, v) for k, v in changed.items()]
+            del blk, qls
+        for l in unit_layers:
+            if block is None:
+                if bar:
+                    bar.set_postfix_str(l, refresh=False)
+                w = source.get(f"{l}.weight")
+                q, rot[l] = _quantize_weight(w, r, opts, method_options)
+                biases[l] = source.get(f"{l}.bias") if f"{l}.bias" in names else None
+            else:
+                w, q = None, qs[l]
             if export == "compressed-tensors":
                 bad = ct._int_zero_out_of_range(q)
                 if bad is not None and bool(bad.any()):
@@ -510,11 +598,11 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
                         raise QuantizeError(f"{l}: {r.name} left {int(bad.sum())} zero point(s) that "
                                             "compressed-tensors cannot store; pass --convert to re-quantize them "
                                             "(the error is reported)")
-                if q.fmt == "nvfp4":
+                if q.fmt == "nvfp4" and w is not None:
                     originals[l] = w
             qs[l] = q
             del w
-            if bar:
+            if bar and block is None:
                 bar.update(_numel(q.shape))
         if export == "compressed-tensors":
             for group in ct._siblings([l for l in unit_layers if qs[l].fmt == "nvfp4"]):
@@ -539,9 +627,13 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
             originals.clear()
         for l in unit_layers:
             q = qs.pop(l)
-            bias = source.get(f"{l}.bias") if f"{l}.bias" in names else None
+            bias = biases.pop(l)
             if export == "lowbit":
-                tensors, meta, _ = _state_of(_wrap(l, QuantLinear(q, bias, act, recipe=r.name)))
+                if block is not None:  # the QuantLinear calibration made (input_scale, rotation included)
+                    ql = cal.blocks[block].get_submodule(l[len(uname) + 1:])
+                else:
+                    ql = QuantLinear(q, bias, act, recipe=r.name, rotation_block=rot[l])
+                tensors, meta, _ = _state_of(_wrap(l, ql))
                 layers_meta.update(meta)
             else:
                 scheme = ct.weight_scheme(l, q, act)
@@ -549,11 +641,20 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
                 schemes[l] = {"format": scheme.format, "weights": scheme.weights,
                               "input_activations": scheme.input_activations}
             entries += [st.Entry.of(k, v) for k, v in tensors.items()]
+        if block is not None and block + 1 < len(cal.blocks):
+            cal.save_inputs(block + 1)  # before the block is recorded: a resume needs them
         part = partial / f"unit-{len(state['done']):05d}-{_safe(uname)}.safetensors"
         st.write_safetensors(part, entries)
         state["done"][uname] = {"file": part.name, "layers": layers_meta, "schemes": schemes, "notes": notes}
+        if calib_rec is not None:
+            state["done"][uname]["calibration"] = calib_rec
         _write_json(partial / PROGRESS, state)
         del entries
+        if block is not None:
+            cal.drop_inputs(block)
+            cal.finish_block(block)
+            if bar:
+                bar.update(work[uname])
         if on_unit:
             on_unit(uname)
     if bar:
@@ -579,8 +680,12 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
             seen.add(owner)
             entries += [st.Entry.from_file(info, p) for k, (p, info) in parts.items() if k.rsplit(".", 1)[0] == owner]
             continue
+        if n in parts:  # a full-precision tensor that calibration changed (a norm that absorbed AWQ scales)
+            p, info = parts[n]
+            entries.append(st.Entry.from_file(info, p))
+            continue
         entries.append(source.entry(n))
-    if export == "lowbit" and "lm_head" in linears and "lm_head.weight" not in names and tie:
+    if export == "lowbit" and tie and "lm_head.weight" not in names:
         emb = next((n for n in names if n.endswith("embed_tokens.weight")), None)
         if emb:  # lowbit checkpoints hold every tensor of the model's state_dict, tied ones included
             entries.append(source.entry(emb, "lm_head.weight"))
@@ -611,6 +716,13 @@ def _run(source, out: Path, r: Recipe, opts: dict, export: str, skip: tuple, met
                          resumed_units=len(done_before), seconds=time.time() - t0, peak_rss_bytes=_peak_rss(),
                          bytes_in=sum(source.nbytes(n) for n in names),
                          bytes_out=sum((out / f).stat().st_size for f in files), files=files)
+    if r.needs_calibration:
+        recs = [rec.get("calibration", {}) for rec in state["done"].values()]
+        kept_scale = sum(c.get("input_scale", 0) for c in recs)
+        changed = sum(len(c.get("changed", ())) for c in recs)
+        res.notes.append(f"calibration: {cal_source}"
+                         + (f"; {changed} full-precision tensor(s) absorbed {r.transform} scales" if changed else "")
+                         + (f"; {kept_scale} layer(s) keep an input_scale" if kept_scale else ""))
     if notes:
         res.notes.append(f"{len(notes)} conversion(s): " + "; ".join(notes[:3]) + (" ..." if len(notes) > 3 else ""))
     if not aux:
