@@ -56,7 +56,27 @@ def quantize_column(fmt, w, p, s_t, bits, symmetric):
     return v, (v * p["block"]) * s_t
 
 
-def gptq_reference(w, h, fmt, opts, g, percdamp=0.01, order=None, static=False):
+def mse_tile_params(fmt, opts, w_tile, s_t, bits, symmetric):
+    """The MSE grid: round to nearest's parameters of c * tile for c = 1, then 19 values down
+    to 0.6 (MX: c = 1/2 and 2), keeping per row the first with the smallest squared error."""
+    cs = [0.5, 2.0] if fmt.startswith("mx") else [1 - 0.4 * i / 19 for i in range(1, 20)]
+    best = tile_params(fmt, opts, w_tile, s_t)
+
+    def err(p):
+        return sum((quantize_column(fmt, w_tile[:, j], p, s_t, bits, symmetric)[1].double()
+                    - w_tile[:, j].float().double()) ** 2 for j in range(w_tile.shape[1]))
+
+    e_best = err(best)
+    for c in cs:
+        p = tile_params(fmt, opts, w_tile.float() * c, s_t)
+        e = err(p)
+        better = e < e_best
+        e_best = torch.where(better, e, e_best)
+        best = {k: torch.where(better, p[k], best[k]) for k in best}
+    return best
+
+
+def gptq_reference(w, h, fmt, opts, g, percdamp=0.01, order=None, static=False, mse=False):
     w0 = w.double().clone()
     W = w.double().clone()
     H = h.double().clone()
@@ -76,7 +96,9 @@ def gptq_reference(w, h, fmt, opts, g, percdamp=0.01, order=None, static=False):
         t = j // g
         if t not in tiles:
             src = w0 if static or g >= k else W
-            tiles[t] = tile_params(fmt, opts, src[:, t * g:min(k, (t + 1) * g)], s_t)
+            tile = src[:, t * g:min(k, (t + 1) * g)]
+            tiles[t] = (mse_tile_params(fmt, opts, tile, s_t, bits, symmetric) if mse
+                        else tile_params(fmt, opts, tile, s_t))
         v, q = quantize_column(fmt, W[:, j], tiles[t], s_t, bits, symmetric)
         values[:, j] = v.double()
         err = (W[:, j] - q.double()) / hinv[j, j]
@@ -106,12 +128,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("fmt,opts,g", CASES)
-@pytest.mark.parametrize("block_size", [128, 32])
-def test_codes_equal_the_reference_sweep(fmt, opts, g, block_size):
+@pytest.mark.parametrize("block_size,mse", [(128, False), (32, False), (128, True)])
+def test_codes_equal_the_reference_sweep(fmt, opts, g, block_size, mse):
     w, h = random_problem(12, 96, 0)
     grid = make_grid(fmt, 96, **opts)
-    q = gptq_quantize(w, h, grid, block_size=block_size, dtype=torch.float64)
-    ref = gptq_reference(w, h, fmt, opts, g or 96)
+    q = gptq_quantize(w, h, grid, block_size=block_size, mse=mse, dtype=torch.float64)
+    ref = gptq_reference(w, h, fmt, opts, g or 96, mse=mse)
     vals = grid.round(q.dequantize(), {k: v.float() for k, v in _params(q, grid).items()})
     assert torch.equal(vals.double(), ref)
 
@@ -133,7 +155,7 @@ def _params(q, grid):
 def test_act_order_with_static_groups_equals_the_reference(fmt, opts, g):
     w, h = random_problem(10, 64, 1)
     grid = make_grid(fmt, 64, **opts)
-    q = gptq_quantize(w, h, grid, act_order=True, static_groups=True, dtype=torch.float64)
+    q = gptq_quantize(w, h, grid, act_order=True, static_groups=True, mse=False, dtype=torch.float64)
     order = torch.argsort(torch.diagonal(h), descending=True).tolist()
     ref = gptq_reference(w, h, fmt, opts, g, order=order, static=True)
     # static groups: the stored parameters are round to nearest's on the original weight

@@ -76,3 +76,16 @@ def test_make_grid_rejects_block_granularity_and_bad_options():
         make_grid("mxfp4", 64, group_size=32)
     with pytest.raises(ValueError, match="zero_point"):
         make_grid("int4", 64, zero_point="nearest")
+
+
+@pytest.mark.parametrize("fmt,opts", CASES)
+def test_fit_search_never_increases_a_tiles_squared_error(fmt, opts):
+    torch.manual_seed(2)
+    w = torch.randn(9, 100) * 0.05
+    w[:, 7] *= 10
+    grid = make_grid(fmt, 100, **opts).set_tensor(w)
+    p0, p1 = grid.fit(w), grid.fit_search(w)
+    e0, e1 = grid._tile_error(w, p0), grid._tile_error(w, p1)
+    assert bool((e1 <= e0).all())
+    if fmt in ("int3", "int2", "nvfp4"):
+        assert float(e1.sum()) < float(e0.sum())  # coarse grids gain from clipping

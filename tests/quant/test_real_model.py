@@ -19,23 +19,24 @@ pytestmark = [
 ]
 
 
-def test_minilm_gptq_and_awq_beat_round_to_nearest():
+def test_minilm_gptq_beats_round_to_nearest():
     import copy
 
     from lowbit.eval.models import load_model
 
     b = load_model("minilm")
     cal_text, ev_text = topics_split()
-    ids = [b.tokenizer(p, truncation=True, max_length=64, return_tensors="pt")["input_ids"]
-           for p in paragraphs(cal_text, limit=24)]
-    texts = paragraphs(ev_text, limit=48)
-    ref = encode(b.model, b.tokenizer, texts, max_len=64, progress=False)
+    ids = [b.tokenizer(p, truncation=True, max_length=48, return_tensors="pt")["input_ids"]
+           for p in paragraphs(cal_text, limit=12)]
+    texts = paragraphs(ev_text, limit=24)
+    ref = encode(b.model, b.tokenizer, texts, max_len=48, progress=False)
     cos = {}
-    for recipe in ("a16w4-int-g64", "a16w4-int-g64-gptq", "a16w4-int-g64-awq"):
+    for recipe in ("a16w4-int-g64", "a16w4-int-g64-gptq"):
         m = copy.deepcopy(b.model)
-        report = quantize_(m, recipe, calibration=ids if recipe != "a16w4-int-g64" else None, progress=False)
-        assert len(report.replaced) == 37  # 6 blocks x 6 linears + the pooler, outside the blocks
+        # blocks 0 and 5 and the pooler (outside the blocks), to keep the test quick
+        report = quantize_(m, recipe, calibration=ids if recipe != "a16w4-int-g64" else None, progress=False,
+                           skip=lambda name, mod: not name.startswith(("encoder.layer.0.", "encoder.layer.5.", "pooler")))
+        assert len(report.replaced) == 13
         assert isinstance(m.pooler.dense, QuantLinear)
-        cos[recipe] = compare_encoder(ref, encode(m, b.tokenizer, texts, max_len=64, progress=False))["mean_cos"]
+        cos[recipe] = compare_encoder(ref, encode(m, b.tokenizer, texts, max_len=48, progress=False))["mean_cos"]
     assert cos["a16w4-int-g64-gptq"] > cos["a16w4-int-g64"]
-    assert cos["a16w4-int-g64-awq"] > cos["a16w4-int-g64"]

@@ -218,7 +218,6 @@ def _collect(run: Callable[[], None], members: list[Target], needs: dict, total_
     """Run ``run`` (one pass over the calibration data) with hooks on ``members``.
     -> (groups: list of lists of Target in call order, stats per group, call order info)."""
     first_inputs: dict[int, torch.Tensor] = {}  # id(module) -> input tensor of its first call
-    call_index: dict[int, int] = {}
     counter = [0]
     group_of: dict[int, int] = {}
     groups: list[list[Target]] = []
@@ -247,7 +246,6 @@ def _collect(run: Callable[[], None], members: list[Target], needs: dict, total_
                 stats.append(InputStats(k=x.shape[-1], hessian=want["hessian"], sample_stride=stride,
                                         max_rows=search_tokens if want["sample"] else 0))
             first_inputs[mid] = x
-            call_index[mid] = counter[0]
         gi = group_of[mid]
         if groups[gi][0].module is mod:
             stats[gi].add(x)
@@ -330,20 +328,52 @@ def _scale_output(module: nn.Module, inv: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def _record_outputs(work: nn.Module, probe: _BlockInput, cast) -> tuple[torch.Tensor, dict[str, list]]:
+    """Run the block on the probe; -> (block output, every submodule's tensor outputs by name)."""
+    outs: dict[str, list] = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            t = out if isinstance(out, torch.Tensor) else next(
+                (o for o in (out if isinstance(out, (tuple, list)) else ()) if isinstance(o, torch.Tensor)), None)
+            if t is not None and t.is_floating_point():
+                outs.setdefault(name, []).append(t.detach().clone())
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in work.named_modules() if n]
+    try:
+        out = probe.run(work, cast=cast).clone()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, outs
+
+
+@torch.no_grad()
 def _probe_fold(block: nn.Module, block_names: dict[int, str], group: list[Target], candidates, probe: _BlockInput,
                 k: int) -> str | None:
-    """The first candidate whose output can take a per-channel scale that the group's
-    inputs undo, leaving the block's output unchanged (checked by running the block on a
-    short probe sequence, in float32, with a random scale in [0.5, 2])."""
+    """The first candidate whose output can take a per-channel scale 1/d that the group's
+    inputs undo (x -> x d), leaving the block unchanged. Checked by running the block on a
+    short probe sequence, in float32, with a random d in [0.5, 2]: the block's output and
+    the output of every module inside it must be unchanged, or (for the candidate, and
+    modules that merely pass its output on: containers, dropout) exactly 1/d times the
+    original along a last dimension of size K. A nonlinearity between the candidate and the
+    group (GELU), or another reader of the candidate's output (a residual), changes some
+    output otherwise, however small its share of the block's output."""
     if not candidates:
         return None
     dtype = next(block.parameters()).dtype
     work = block if dtype in (torch.float32, torch.float64) else copy.deepcopy(block).float()
     cast = (lambda t: t.float() if t.is_floating_point() else t) if work is not block else None
     mods = dict(work.named_modules())
-    ref = probe.run(work, cast=cast).clone()
+    ref, ref_outs = _record_outputs(work, probe, cast)
     gen = torch.Generator().manual_seed(0)
     d = 0.5 + 1.5 * torch.rand(k, generator=gen, dtype=torch.float32)
+    tol = 1e-4
+
+    def same(a, b):
+        return a.shape == b.shape and _rel_err(a, b) < tol
+
     for name, _ in candidates:
         p = mods[name]
         saved = {n: t.detach().clone() for n, t in p.named_parameters(recurse=False)}
@@ -352,13 +382,26 @@ def _probe_fold(block: nn.Module, block_names: dict[int, str], group: list[Targe
             lambda mod, args: (args[0] * d.to(args[0].device, args[0].dtype),) + tuple(args[1:]))
             for t in group]
         try:
-            out = probe.run(work, cast=cast)
+            out, outs = _record_outputs(work, probe, cast)
         finally:
             for h in hooks:
                 h.remove()
             for n, t in saved.items():
                 getattr(p, n).copy_(t)
-        if _rel_err(out, ref) < 1e-3:
+        ok = same(out, ref) and outs.keys() == ref_outs.keys()
+        for mname in ref_outs if ok else ():
+            a_list, r_list = outs[mname], ref_outs[mname]
+            if len(a_list) != len(r_list):
+                ok = False
+                break
+            for a, r in zip(a_list, r_list):
+                scaled = r.shape[-1:] == (k,) and same(a, r / d.to(r.device, r.dtype))
+                if not (same(a, r) or scaled):
+                    ok = False
+                    break
+            if not ok:
+                break
+        if ok:
             return name
     return None
 

@@ -17,8 +17,10 @@ lowbit's rules, stated exactly:
 - dead inputs (H[j, j] = 0) get H[j, j] = 1 and W[:, j] = 0;
 - damping: H += percdamp * mean(diag H) * I (ten times more, up to 4 times, if the
   Cholesky factorisation still fails);
-- scales: the format's round-to-nearest rule (lowbit.quant.grid.Grid.fit; with
-  ``mse=True`` the best of 20 shrunk ranges, Grid.fit_search) on the
+- scales: by default (``mse=True``) the best of 20 shrunk ranges of the tile for
+  squared rounding error (Grid.fit_search, the "MSE grid" of the GPTQ reference code:
+  on SmolLM2 a16w4-int-g64 it lowered the mean KL from 0.172 to 0.159), or with
+  ``mse=False`` the format's round-to-nearest rule (Grid.fit), on the
   current (error-updated) weights of a tile, at the tile's first column, for every
   tile of the format: integer groups, MX blocks of 32, NVFP4 blocks of 16 (NVFP4's
   tensor scale is fixed first from the original weight). Per-channel scales (one
@@ -83,12 +85,12 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float, dtype=torch.float32
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block_size: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False, mse: bool = False,
+                  act_order: bool = False, static_groups: bool = False, mse: bool = True,
                   dtype: torch.dtype = torch.float32, return_error: bool = False):
     """GPTQ-quantize ``w`` [N, K] with input Hessian ``h`` [K, K] onto ``grid``. -> QTensor
     (and the sum of (w_j - q_j)^2 / Hinv_jj, GPTQ's loss, with ``return_error``).
-    ``mse=True`` picks each tile's parameters by Grid.fit_search (the range that minimises
-    the tile's squared rounding error) instead of round to nearest's."""
+    ``mse=True`` (default) picks each tile's parameters by Grid.fit_search (the range that
+    minimises the tile's squared rounding error), ``mse=False`` by round to nearest's rule."""
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"GPTQ: Hessian {tuple(h.shape)} does not match a weight with {k} inputs")

@@ -22,7 +22,7 @@ __all__ = ["prepare_weight", "transform_hessian", "quantize_prepared", "quantize
 # method -> its options and defaults (quantize_(..., method_options={"gptq": {...}}))
 METHOD_OPTIONS = {
     "hqq": dict(HQQ_DEFAULTS),
-    "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False, "mse": False},
+    "gptq": {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": False, "mse": True},
     "awq": {"n_grid": 20, "clip": True, "clip_grid": 10, "max_shrink": 0.5, "search_tokens": 2048,
             "clip_tokens": 512},
     "smooth": {"alphas": tuple(round(0.05 * i, 2) for i in range(21)), "search_tokens": 2048},
