@@ -15,7 +15,7 @@ the same algorithm as the in-memory ``lowbit.quantize_(model, recipe, calibratio
 3. for each block in order: its tensors are read from the source (in the dtype the
    skeleton gives them: the config's dtype, as ``from_pretrained`` does), its linear
    layers are quantized from the statistics of one pass over the cached inputs
-   (``_collect`` + ``_process_groups``: GPTQ Hessians, AWQ/SmoothQuant scale search,
+   (``calibrate_block``: GPTQ Hessians, AWQ/SmoothQuant scale search,
    folding into the norms and linear layers of the block that the probe accepts), and
    the cached inputs become the block's outputs: those of the quantized block when the
    run is sequential (GPTQ), the full-precision outputs of the statistics pass
@@ -56,8 +56,7 @@ from torch import nn
 
 from ..nn.linear import QuantLinear
 from ..nn.recipes import Recipe
-from ..quant.calibration import (Target, _collect, _group_needs, _merge_needs, _process_groups,
-                                 _quantize_without_data, as_batches, capture_block_inputs, find_blocks)
+from ..quant.calibration import Target, as_batches, calibrate_block, capture_block_inputs, find_blocks
 from ..quant.methods import check_method_options
 
 INPUTS = "inputs-{:05d}.safetensors"
@@ -211,11 +210,11 @@ class LayerwiseCalibration:
 
     def start(self, first: int) -> None:
         """Cached inputs of block ``first``: captured (block 0) or read from the partial dir."""
-        from ..quant.calibration import _model_device
+        from ..quant.calibration import model_device
 
         self._fill_outside(True)
         try:
-            if _model_device(self.model).type == "meta":
+            if model_device(self.model).type == "meta":
                 raise LayerwiseError("the model's first parameter is not read before block 0; cannot run the "
                                      "calibration forward of this architecture layer by layer")
             with torch.no_grad():
@@ -281,41 +280,17 @@ class LayerwiseCalibration:
         prefix = f"{self.list_name}.{i}."
         members = [Target(n, m, self.recipe, self.weight_options) for n, m in blk.named_modules()
                    if isinstance(m, nn.Linear) and prefix + n in self.quant]
-        inputs, outs = self.inputs, []
-        if members:
-            needs = _group_needs(members, _merge_needs(members))
 
-            def run_stats():
-                with torch.no_grad():
-                    for inp in inputs:
-                        out = inp.run(blk)
-                        if not self.sequential:  # the full-precision output is the next block's input
-                            outs.append(out)
+        def install(t, ql, note=""):
+            parent, _, child = t.name.rpartition(".")
+            setattr(blk.get_submodule(parent) if parent else blk, child, ql)
+            if note:
+                self.notes[prefix + t.name] = note
 
-            def install(t, ql, note=""):
-                parent, _, child = t.name.rpartition(".")
-                setattr(blk.get_submodule(parent) if parent else blk, child, ql)
-                if note:
-                    self.notes[prefix + t.name] = note
-
-            groups, stats, order, starts = _collect(run_stats, members, needs, self.total_rows, self.search_tokens,
-                                                    order_of=blk)
-            names = {id(m): n for n, m in blk.named_modules()}
-            _process_groups(groups, stats, self.opts, install, self.backend, blk, names, order, starts, self.probe,
-                            self.summary)
-            for t in members:
-                if not any(t in g for g in groups):  # never ran on the calibration data
-                    _quantize_without_data(t, self.weight_options, self.opts, install, self.backend)
-            del groups, stats
-        with torch.no_grad():
-            if outs:
-                for inp, out in zip(inputs, outs):
-                    inp.hidden = out
-            else:
-                for inp in inputs:
-                    inp.hidden = inp.run(blk)
-            self.probe.hidden = self.probe.run(blk)
-        self.summary["blocks"] += 1
+        calibrate_block(blk, members, self.inputs, self.probe, sequential=self.sequential,
+                        total_rows=self.total_rows, search_tokens=self.search_tokens, opts=self.opts,
+                        weight_options=self.weight_options, install=install, backend=self.backend,
+                        summary=self.summary)
         return blk
 
     def changed_tensors(self, i: int, blk: nn.Module) -> dict[str, torch.Tensor]:

@@ -87,7 +87,7 @@ def find_blocks(model: nn.Module, targets: set[int]) -> tuple[str, nn.ModuleList
     return best
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
@@ -100,7 +100,7 @@ def _run_model(model: nn.Module, ids: torch.Tensor):
             kw["use_cache"] = False
     except (TypeError, ValueError):
         pass
-    return model(ids.to(_model_device(model)), **kw)
+    return model(ids.to(model_device(model)), **kw)
 
 
 def _first(out):
@@ -446,34 +446,9 @@ def quantize_calibrated(model: nn.Module, targets: list[Target], calibration, we
         summary["sequential"] = bool(sequential)
         for bi, blk in enumerate(blocks):
             members = [t for t in in_blocks if block_of[id(t.module)] == bi]
-            outs: list = []
-            if members:
-                needs = _group_needs(members, _merge_needs(members))
-
-                def run_stats(blk=blk):
-                    with torch.no_grad():
-                        for inp in inputs:
-                            out = inp.run(blk)
-                            if not sequential:  # the full-precision output is the next block's input
-                                outs.append(out)
-
-                groups, stats, order, starts = _collect(run_stats, members, needs, total_rows, search_tokens,
-                                                        order_of=blk)
-                names = {id(m): n for n, m in blk.named_modules()}
-                _process_groups(groups, stats, opts, install, backend, blk, names, order, starts, probe, summary)
-                leftover = [t for t in members if not any(t in g for g in groups)]
-                for t in leftover:  # never ran on the calibration data
-                    _quantize_without_data(t, weight_options, opts, install, backend)
-            with torch.no_grad():
-                if outs:
-                    for inp, out in zip(inputs, outs):
-                        inp.hidden = out
-                else:
-                    for inp in inputs:
-                        inp.hidden = inp.run(blk)
-                probe.hidden = probe.run(blk)
-            del outs
-            summary["blocks"] += 1
+            calibrate_block(blk, members, inputs, probe, sequential=sequential, total_rows=total_rows,
+                            search_tokens=search_tokens, opts=opts, weight_options=weight_options,
+                            install=install, backend=backend, summary=summary)
             if bar:
                 bar.update()
         if bar:
@@ -499,6 +474,44 @@ def quantize_calibrated(model: nn.Module, targets: list[Target], calibration, we
         log(f"calibrated quantization: {summary['sequences']} sequences, {summary['tokens']} tokens, "
             f"{summary['blocks']} blocks, {summary['seconds']:.0f} s")
     return summary
+
+
+def calibrate_block(blk: nn.Module, members: list[Target], inputs: list[_BlockInput], probe: _BlockInput, *,
+                    sequential: bool, total_rows: int, search_tokens: int, opts: dict, weight_options,
+                    install: Callable, backend: str, summary: dict) -> None:
+    """Quantize one decoder block's target layers from one pass over its cached inputs,
+    then advance ``inputs`` and ``probe`` to the block's outputs: those of the quantized
+    block when ``sequential`` (GPTQ), else the full-precision ones of the statistics pass
+    (AWQ, SmoothQuant). ``install(target, quant_linear, note)`` puts each result in place.
+    Shared by the in-memory path (``quantize_calibrated``) and the streaming one
+    (``lowbit.io.layerwise``)."""
+    outs: list = []
+    if members:
+        needs = _group_needs(members, _merge_needs(members))
+
+        def run_stats():
+            with torch.no_grad():
+                for inp in inputs:
+                    out = inp.run(blk)
+                    if not sequential:  # the full-precision output is the next block's input
+                        outs.append(out)
+
+        groups, stats, order, starts = _collect(run_stats, members, needs, total_rows, search_tokens, order_of=blk)
+        names = {id(m): n for n, m in blk.named_modules()}
+        _process_groups(groups, stats, opts, install, backend, blk, names, order, starts, probe, summary)
+        for t in members:
+            if not any(t in g for g in groups):  # never ran on the calibration data
+                _quantize_without_data(t, weight_options, opts, install, backend)
+        del groups, stats
+    with torch.no_grad():
+        if outs:
+            for inp, out in zip(inputs, outs):
+                inp.hidden = out
+        else:
+            for inp in inputs:
+                inp.hidden = inp.run(blk)
+        probe.hidden = probe.run(blk)
+    summary["blocks"] += 1
 
 
 def _quantize_without_data(t: Target, weight_options, opts, install, backend):
