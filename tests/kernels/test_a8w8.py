@@ -15,7 +15,6 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (pip instal
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from lowbit import quantize_tensor  # noqa: E402
-from lowbit.kernels import dispatch  # noqa: E402
 from lowbit.kernels.a8w8 import (  # noqa: E402
     A8W8Config,
     a8w8_matmul,
@@ -26,23 +25,9 @@ from lowbit.kernels.a8w8 import (  # noqa: E402
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_reference  # noqa: E402
 from lowbit.kernels.ops import a8w8_linear  # noqa: E402
 
+from .conftest import _wide_activations as _x  # noqa: E402
+
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
-    dispatch.forget_loaded_caches()
-
-
-def _x(m, k, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # a wide dynamic range along K (subnormal FP8 codes appear), a zero row
-    x = torch.randn(m, k, generator=g) * torch.logspace(-5, 1.5, k)[torch.randperm(k, generator=g)]
-    if m > 1:
-        x[1] = 0
-    return x.to(dtype)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])

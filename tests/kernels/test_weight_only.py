@@ -44,14 +44,6 @@ from lowbit.kernels.packing import kernel_weight, unpack_codes_from_layout  # no
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch, tmp_path):
-    # the kernels read TRITON_INTERPRET when they launch: keep it on for this
-    # module even if another module (tests/gpu) turned it off; no user tuning cache
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
-    dispatch.forget_loaded_caches()
-
 
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 REF_TOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import act_quant
-from .act_quant import padded_k
+from .act_quant import pad_columns, padded_k
 
 FORMATS = ("fp8_e4m3", "int8")
 
@@ -115,17 +115,10 @@ def pack_a8w8(qt, device=None) -> PackedA8W8:
     n, k = qt.shape
     kq = padded_k(k)
     device = torch.device(device) if device is not None else qt.codes.device
-    src = qt.codes.view(torch.int8 if qt.fmt == "int8" else torch.uint8)
-    codes = torch.zeros((n, kq), dtype=src.dtype, device=device)
-    codes[:, :k] = src.to(device)
+    codes = pad_columns(qt.codes.view(torch.int8 if qt.fmt == "int8" else torch.uint8), kq, device=device)
     blockwise = qt.tile == (128, 128)
     s = qt.scales.to(device=device, dtype=torch.float32)
-    if blockwise:
-        full = torch.ones((s.shape[0], kq // 128), dtype=torch.float32, device=device)
-        full[:, : s.shape[1]] = s
-        scales = full.contiguous()
-    else:
-        scales = s.reshape(n).contiguous()
+    scales = pad_columns(s, kq // 128, fill=1) if blockwise else s.reshape(n).contiguous()
     return PackedA8W8(qt.fmt, n, k, codes, scales, blockwise)
 
 

@@ -28,15 +28,27 @@ def padded_k(k: int) -> int:
     return -(-k // K_ALIGN) * K_ALIGN
 
 
+def pad_columns(t: torch.Tensor, width: int, fill: float = 0, device=None) -> torch.Tensor:
+    """t [R, C] (C <= width) copied into a new [R, width] tensor filled with ``fill``:
+    the kernels' K padding of codes and scales."""
+    out = torch.full((t.shape[0], width), fill, dtype=t.dtype, device=device if device is not None else t.device)
+    out[:, : t.shape[1]] = t.to(out.device)
+    return out
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)} (flatten the leading dimensions)")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
+
+
 def _check(x: torch.Tensor, fmt: str, group_size: int | None, input_scale: torch.Tensor | None) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"activation format {fmt!r}: the A8W8 kernels take {', '.join(FORMATS)}")
     if group_size not in GROUPS:
         raise ValueError(f"group_size={group_size}: per token (None) or 1 x 128 blocks (128)")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)} (flatten the leading dimensions)")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
+    _check_x(x)
     if input_scale is not None and input_scale.shape != (x.shape[1],):
         raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}, expected ({x.shape[1]},)")
 
@@ -51,20 +63,10 @@ def quantize_activation_reference(x: torch.Tensor, fmt: str, group_size: int | N
     opts = {"granularity": "token"} if group_size is None else {"group_size": group_size}
     qt = quantize_tensor(x, fmt, **opts)
     kq = padded_k(k)
-    if fmt == "int8":
-        codes = qt.codes.view(torch.int8)
-    else:
-        codes = qt.codes.view(torch.uint8)
-    out = torch.zeros((m, kq), dtype=codes.dtype, device=x.device)
-    out[:, :k] = codes
+    codes = pad_columns(qt.codes.view(torch.int8 if fmt == "int8" else torch.uint8), kq)
     scales = qt.scales.float()
-    if group_size is None:
-        scales = scales.reshape(m)
-    else:
-        full = torch.ones((m, kq // 128), dtype=torch.float32, device=x.device)
-        full[:, : scales.shape[1]] = scales
-        scales = full
-    return out, scales
+    scales = scales.reshape(m) if group_size is None else pad_columns(scales, kq // 128, fill=1)
+    return codes, scales
 
 
 def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None,
@@ -141,20 +143,13 @@ def quantize_activation_mx_reference(x: torch.Tensor, fmt: str):
     kq = padded_k(k)
     qt = quantize_tensor(x, fmt)
     per_byte = 2 if fmt == "mxfp4" else 1
-    codes = torch.zeros((m, kq // per_byte), dtype=torch.uint8, device=x.device)
-    codes[:, : qt.codes.shape[1]] = qt.codes
-    scales = torch.zeros((m, kq // 32), dtype=torch.uint8, device=x.device)
-    scales[:, : qt.scales.shape[1]] = qt.scales
-    return codes, scales
+    return pad_columns(qt.codes, kq // per_byte), pad_columns(qt.scales, kq // 32)
 
 
 def _check_mx(x: torch.Tensor, fmt: str) -> None:
     if fmt not in MX_FORMATS:
         raise ValueError(f"MX activation format {fmt!r}: the kernels take {', '.join(MX_FORMATS)}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
+    _check_x(x)
 
 
 def quantize_activation_mx(x: torch.Tensor, fmt: str, backend: str = "triton"):

@@ -26,7 +26,7 @@ import torch
 
 from . import act_quant
 from .a8w8 import A8W8Config
-from .act_quant import padded_k
+from .act_quant import pad_columns, padded_k
 
 WEIGHT_FORMATS = ("mxfp8_e4m3", "mxfp4")
 ACT_FORMATS = act_quant.MX_FORMATS
@@ -75,11 +75,8 @@ def pack_mx(qt, device=None) -> PackedMX:
     kq = padded_k(k)
     device = torch.device(device) if device is not None else qt.codes.device
     per_byte = 2 if qt.fmt == "mxfp4" else 1
-    codes = torch.zeros((n, kq // per_byte), dtype=torch.uint8, device=device)
-    codes[:, : qt.codes.shape[1]] = qt.codes.to(device)
-    scales = torch.zeros((n, kq // 32), dtype=torch.uint8, device=device)
-    scales[:, : qt.scales.shape[1]] = qt.scales.to(device)
-    return PackedMX(qt.fmt, n, k, codes, scales)
+    codes = pad_columns(qt.codes, kq // per_byte, device=device)
+    return PackedMX(qt.fmt, n, k, codes, pad_columns(qt.scales, kq // 32, device=device))
 
 
 def _dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
