@@ -9,3 +9,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch, tmp_path):
+    """Compile the Triton kernels (tests/kernels turns the interpreter on for its own
+    modules) and run with the shipped defaults: no user tuning cache."""
+    pytest.importorskip("triton", reason="needs triton")
+    from lowbit.kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    dispatch.forget_loaded_caches()
+
+
+def wide_cuda_activations(m, k, dtype, seed=0):
+    """x [m, k] on CUDA with K-columns spread over 6.5 decades and, when m > 1, a zero row."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    scale = torch.logspace(-5, 1.5, k, device="cuda")[torch.randperm(k, device="cuda", generator=g)]
+    x = torch.randn(m, k, device="cuda", generator=g) * scale
+    if m > 1:
+        x[1] = 0
+    return x.to(dtype)

@@ -10,30 +10,14 @@ import torch
 
 from lowbit import quantize_
 from lowbit import quantize_tensor
-from lowbit.kernels import dispatch
 from lowbit.kernels.a8w8 import A8W8Config, a8w8_matmul, default_a8w8_config, dequantized_weight, pack_a8w8
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_reference
 from lowbit.kernels.ops import a8w8_linear
 
-pytestmark = pytest.mark.gpu
+from .conftest import wide_cuda_activations as _x  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_kernels")]
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
-
-@pytest.fixture(autouse=True)
-def _compiled(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
-    dispatch.forget_loaded_caches()
-    pytest.importorskip("triton", reason="needs triton")
-
-
-def _x(m, k, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    scale = torch.logspace(-5, 1.5, k, device="cuda")[torch.randperm(k, device="cuda", generator=g)]
-    x = torch.randn(m, k, device="cuda", generator=g) * scale
-    if m > 1:
-        x[1] = 0
-    return x.to(dtype)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])

@@ -8,29 +8,13 @@ import pytest
 import torch
 
 from lowbit import quantize_, quantize_tensor
-from lowbit.kernels import dispatch
 from lowbit.kernels.a8w8 import A8W8Config
 from lowbit.kernels.act_quant import quantize_activation_mx, quantize_activation_mx_reference
 from lowbit.kernels.mx import _dequantize, mx_matmul, pack_mx
 
-pytestmark = pytest.mark.gpu
+from .conftest import wide_cuda_activations as _x  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _compiled(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
-    dispatch.forget_loaded_caches()
-    pytest.importorskip("triton", reason="needs triton")
-
-
-def _x(m, k, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    scale = torch.logspace(-4, 2, k, device="cuda")[torch.randperm(k, device="cuda", generator=g)]
-    x = torch.randn(m, k, device="cuda", generator=g) * scale
-    if m > 1:
-        x[1] = 0
-    return x.to(dtype)
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_kernels")]
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4"])

@@ -6,17 +6,9 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.kernels import dispatch
 from lowbit.nn.linear import QuantLinear
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def _compiled(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
-    dispatch.forget_loaded_caches()
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_kernels")]
 
 
 @pytest.mark.parametrize("recipe", ["a16w4-int-g128", "a16w4-mxfp4", "a16w8-int8", "a16w4-int-g32"])

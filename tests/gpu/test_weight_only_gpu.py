@@ -23,7 +23,7 @@ from lowbit.kernels._weight_only_triton import dequantize_t
 from lowbit.kernels.ops import weight_only_linear
 from lowbit.kernels.packing import kernel_weight
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_kernels")]
 
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 REF_TOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
@@ -37,16 +37,6 @@ FORMATS = {
     "int8-g64-affine": ("int8", dict(group_size=64, symmetric=False, scale_dtype=torch.bfloat16)),
     "mxfp4": ("mxfp4", {}),
 }
-
-
-@pytest.fixture(autouse=True)
-def _compiled(monkeypatch, tmp_path):
-    # tests/kernels turns the interpreter on for its own module; compile here,
-    # with the shipped defaults (no user tuning cache)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
-    dispatch.forget_loaded_caches()
-    pytest.importorskip("triton", reason="needs triton")
 
 
 _PACKED = {}
