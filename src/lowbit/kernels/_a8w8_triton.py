@@ -38,15 +38,11 @@ def _operand(codes, INT8: tl.constexpr, EMULATE: tl.constexpr):
     return codes
 
 
-def _mma(x, y, acc, INT_MMA: tl.constexpr, PROMOTE: tl.constexpr):
-    """acc + x @ y: int32 accumulation for INT8; for FP8, PROMOTE > 0 moves the
-    tensor cores' partial sums into the float32 accumulator every PROMOTE products
-    along K (Hopper's FP8 MMA keeps fewer bits than float32 across a long K).
-    One exit: Triton 3.6 mistypes helpers that return from several branches."""
+def _mma(x, y, acc, INT_MMA: tl.constexpr):
+    """acc + x @ y, with int32 accumulation for INT8. One exit: Triton 3.6 mistypes
+    helpers that return from several branches."""
     if INT_MMA:
         out = tl.dot(x, y, acc, out_dtype=tl.int32)
-    elif PROMOTE > 0:
-        out = tl.dot(x, y, acc, max_num_imprecise_acc=PROMOTE)
     else:
         out = tl.dot(x, y, acc)
     return out
@@ -76,7 +72,6 @@ def _a8w8_kernel(
     HAS_BIAS: tl.constexpr,
     EMULATE: tl.constexpr,
     RNE_BF16: tl.constexpr,
-    PROMOTE: tl.constexpr = 0,  # FP8: promote partial sums every PROMOTE along K (0: never)
     SEG: tl.constexpr = 0,  # FP8 (not blockwise): restart the MMA sum every SEG K tiles (0: never)
 ):
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -115,9 +110,9 @@ def _a8w8_kernel(
                 a = _operand(tl.load(a_ptrs + t * BLOCK_K, mask=m_ok[:, None]), INT8, EMULATE)
                 w = _operand(tl.load(w_ptrs + t * BLOCK_K, mask=n_ok[:, None]), INT8, EMULATE)
                 if SWAP:
-                    seg = _mma(w, tl.trans(a), seg, False, 0)
+                    seg = _mma(w, tl.trans(a), seg, False)
                 else:
-                    seg = _mma(a, tl.trans(w), seg, False, 0)
+                    seg = _mma(a, tl.trans(w), seg, False)
             total += seg
         acc = total
     else:
@@ -127,9 +122,9 @@ def _a8w8_kernel(
             if BLOCKWISE:
                 # a fresh product per 128-deep tile, scaled into the float32 accumulator
                 if SWAP:
-                    part = _mma(w, tl.trans(a), tl.zeros((BLOCK_N, BLOCK_M), PART_TY), INT_MMA, 0)
+                    part = _mma(w, tl.trans(a), tl.zeros((BLOCK_N, BLOCK_M), PART_TY), INT_MMA)
                 else:
-                    part = _mma(a, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), PART_TY), INT_MMA, 0)
+                    part = _mma(a, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), PART_TY), INT_MMA)
                 kb = t // KB
                 sa = tl.load(sa_ptr + offs_m.to(tl.int64) * nkb + kb, mask=m_ok, other=0.0)
                 sw = tl.load(sw_ptr + (offs_n // 128).to(tl.int64) * nkb + kb, mask=n_ok, other=0.0)
@@ -138,9 +133,9 @@ def _a8w8_kernel(
                 else:
                     acc += part.to(tl.float32) * (sa[:, None] * sw[None, :])
             elif SWAP:
-                acc = _mma(w, tl.trans(a), acc, INT_MMA, PROMOTE)
+                acc = _mma(w, tl.trans(a), acc, INT_MMA)
             else:
-                acc = _mma(a, tl.trans(w), acc, INT_MMA, PROMOTE)
+                acc = _mma(a, tl.trans(w), acc, INT_MMA)
 
     acc = acc.to(tl.float32)
     if not BLOCKWISE:
