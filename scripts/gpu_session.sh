@@ -44,7 +44,7 @@ done
 } 2>&1 | tee "$OUT/env.txt"
 
 case " $STEPS " in *" tests "*)
-  "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider -x ${LOWBIT_TEST_K:+-k "$LOWBIT_TEST_K"} 2>&1 \
+  "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider --maxfail=10 ${LOWBIT_TEST_K:+-k "$LOWBIT_TEST_K"} 2>&1 \
     | tail -n 40 | tee "$OUT/gpu_tests.log"
   r=$?; rc=$(( rc || r )); echo "gpu tests: exit $r after $(( SECONDS - start )) s" ;;
 esac

@@ -85,17 +85,26 @@ def check(y, x, pw, kw, bias, tag, tight=True):
     assert ref_err <= REF_TOL[y.dtype], f"{tag}: normalised error vs the reference {ref_err:.3g}"
 
 
+def planned(m, pw, kw, dtype, config=None, backend="auto"):
+    """(kernel, config, weight values) of the call that runs: the plan's choice when
+    neither is forced. A float32 int GEMV (the shipped table picks it at M=1)
+    multiplies by q * scale + bias unrounded, the other kernels by kernel_weight."""
+    if backend == "auto" and config is None:
+        p = dispatch.plan(m, pw.n, pw.k, pw, torch.device("cuda"), dtype)
+        backend, config = p.kernel, p.config
+    if config is not None and config.int_f32 and config.mode == "gemv" and pw.layout.family == "int":
+        kw = kernel_weight(pw, rounded=False)
+    return backend, config, kw
+
+
 def run(name, n, k, m, dtype=torch.bfloat16, bias=False, config=None, lead=(), backend="auto"):
     pw, kw = packed(name, n, k, dtype)
-    if config is not None and config.int_f32 and pw.layout.family == "int":
-        kw = kernel_weight(pw, rounded=False)  # the float32 GEMV multiplies by q * scale + bias unrounded
     g = torch.Generator(device="cuda").manual_seed(m + 1)
     x = torch.randn(*lead, m, k, device="cuda", generator=g).to(dtype)
     b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
     y = weight_only_matmul(x, pw, b, backend=backend, config=config)
-    m2 = x.numel() // k
-    kernel = backend if backend != "auto" else dispatch.plan(m2, n, k, pw, x.device, dtype).kernel
-    check(y, x, pw, kw, b, f"{name} W[{n}, {k}] x{list(x.shape)} {dtype} {kernel} {config}", tight=kernel != "dequant")
+    kernel, cfg, kw = planned(x.numel() // k, pw, kw, dtype, config, backend)
+    check(y, x, pw, kw, b, f"{name} W[{n}, {k}] x{list(x.shape)} {dtype} {kernel} {cfg}", tight=kernel != "dequant")
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -180,8 +189,8 @@ def test_cuda_graph_capture(name, m):
         torch.cuda.synchronize()
         eager = weight_only_matmul(x, pw, bias)
         assert torch.equal(static_y, eager), f"{name} M={m}: graph replay differs from eager"
-        kernel = dispatch.plan(m, n, k, pw, x.device, x.dtype).kernel
-        check(static_y, x, pw, kw, bias, f"graph {name} M={m} {kernel}", tight=kernel != "dequant")
+        kernel, cfg, kw_run = planned(m, pw, kw, x.dtype)
+        check(static_y, x, pw, kw_run, bias, f"graph {name} M={m} {kernel} {cfg}", tight=kernel != "dequant")
 
 
 def test_auto_plans(caplog):

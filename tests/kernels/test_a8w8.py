@@ -161,6 +161,7 @@ def test_long_rows_split_over_programs_give_the_same_codes(fmt):
 
     m, k = 3, 5000
     assert split_rows(m, 5120)
+    assert split_rows(128, 28672) and not split_rows(128, 14336) and not split_rows(1024, 28672)
     x = _x(m, k, torch.bfloat16, seed=7)
     iscale = torch.rand(k, generator=torch.Generator().manual_seed(3)) + 0.5
     codes, scales = quantize_activation(x, fmt, None, iscale)

@@ -122,12 +122,17 @@ CHUNK = 1024  # elements per program when per-token rows are split
 
 SPLIT_MAX_M = 64  # per-token rows split over programs up to this many rows ...
 SPLIT_MIN_K = 4097  # ... of at least this padded length
+SPLIT_LONG_MAX_M = 512  # rows too long for one pass: split up to this many (4 programs per SM)
 
 
 def split_rows(m: int, kq: int) -> bool:
     """Per-token scales of few long rows: spread each row over programs (two launches)
-    rather than one program walking it twice."""
-    return m <= SPLIT_MAX_M and kq >= SPLIT_MIN_K
+    rather than one program walking it twice. A row longer than ONE_PASS_MAX_K walked
+    twice by one program is latency-bound: 128 rows of 28672 took ~20 us on the H200
+    (Llama-3-70B down at M=128), so such rows are split up to SPLIT_LONG_MAX_M rows."""
+    if kq < SPLIT_MIN_K:
+        return False
+    return m <= SPLIT_MAX_M or (m <= SPLIT_LONG_MAX_M and kq > ONE_PASS_MAX_K)
 
 
 __all__ = ["quantize_activation", "quantize_activation_reference", "padded_k"]
