@@ -1,7 +1,8 @@
 """The MX path compiled on CUDA (run on the H200: `pytest -m gpu tests/gpu`): MX
 activation codes and scales bit for bit against lowbit.formats (elements against
 ml_dtypes on every bf16 value), the tl.dot_scaled GEMM (Hopper: Triton's bf16
-emulation) against the float64 product of its operands, and QuantLinear."""
+emulation) against the float64 product of its operands, the upcast path (MX values
+dequantized exactly, then the weight-only kernels) and QuantLinear."""
 
 import numpy as np
 import pytest
@@ -76,7 +77,10 @@ def test_quantlinear_runs_mx_recipes():
         x = torch.randn(3, 7, 512, device="cuda", dtype=torch.bfloat16)
         from lowbit.kernels.mx import mx_native
 
-        assert m[0]._mx_applies(x) == mx_native(x.device)  # Hopper: the reference (emulation is slower)
+        native = mx_native(x.device)
+        assert m[0]._mx_applies(x) == native
+        # without block-scaled MMA: MXFP4 weights take the upcast path, MXFP8 weights the reference
+        assert m[0]._kernel_applies(x) and m[0].packed_weight(x.dtype).triton_supported == (recipe != "a8w8-mxfp8")
         y = m(x)
         for mod in m.modules():
             if hasattr(mod, "backend"):
@@ -84,3 +88,47 @@ def test_quantlinear_runs_mx_recipes():
         y_ref = m(x)
         err = float((y.float() - y_ref.float()).abs().max() / y_ref.float().abs().max())
         assert err < 2e-2, (recipe, err)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(5, 333), (300, 4096)])
+def test_mx_fake_quantize_bit_exact(fmt, dtype, m, k):
+    from lowbit.formats import fake_quantize
+    from lowbit.kernels.act_quant import fake_quantize_activation_mx
+
+    x = _x(m, k, dtype, seed=k + 1)
+    x[0, 3] = float("nan")
+    x[2, 100] = float("-inf")
+    x[3, :5] = -0.0
+    if dtype == torch.bfloat16:  # a block of float32-subnormal values (2^-127 scale)
+        x[4, 32:64] = torch.randn(32, device="cuda").to(dtype) * 1e-39
+    got = fake_quantize_activation_mx(x, fmt)
+    ref = fake_quantize(x, fmt).to(dtype)
+    same = (got == ref) | (got.isnan() & ref.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} values differ"
+    assert bool(((torch.signbit(got) == torch.signbit(ref)) | ref.isnan()).all())
+
+
+@pytest.mark.parametrize("afmt", ["mxfp8_e4m3", "mxfp4"])
+@pytest.mark.parametrize("m", [1, 16, 200, 2048])
+def test_mx_upcast_matmul_equals_the_exact_product(afmt, m):
+    from lowbit.kernels import pack_weight
+    from lowbit.kernels.mx import mx_upcast_matmul
+
+    for n, k, dtype in ((4096, 4096, torch.bfloat16), (1000, 1111, torch.float16)):
+        g = torch.Generator(device="cuda").manual_seed(n + m)
+        qt = quantize_tensor(torch.randn(n, k, device="cuda", generator=g) * 0.02, "mxfp4")
+        pw = pack_weight(qt, dtype=dtype)
+        x = _x(m, k, dtype, seed=m)
+        bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+        y = mx_upcast_matmul(x, pw, afmt, bias)
+        codes, scales = quantize_activation_mx_reference(x, afmt)
+        a = _dequantize(codes, scales, afmt, k).double()
+        w = qt.dequantize().double()
+        exact, s = a @ w.T + bias.double(), a.abs() @ w.abs().T + bias.double().abs()
+        err = (y.double() - exact).abs()
+        eps = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        # dequantize + cuBLAS (large M) may sum in the 16-bit type like the reference: loose there
+        tol = eps * exact.abs() + (1e-5 if m < 1024 else 2.0**-9) * s
+        assert bool((err <= tol).all()), (n, k, m, float((err / s.clamp_min(1e-30)).max()))

@@ -116,3 +116,67 @@ def test_negative_zero_keeps_its_sign_bit():
         codes, scales = quantize_activation_mx(x, fmt)
         ref_codes, ref_scales = quantize_activation_mx_reference(x, fmt)
         assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales), fmt
+
+
+def _nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit up to NaN payloads: equal values, equal sign bits, NaN where the other is."""
+    same = (a == b) | (a.isnan() & b.isnan())
+    return bool(same.all()) and bool(((torch.signbit(a) == torch.signbit(b)) | b.isnan()).all())
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mx_fake_quantize_equals_the_reference(fmt, dtype):
+    """The upcast path's activations: lowbit.formats.fake_quantize in x's dtype, bit for
+    bit, with NaN/Inf blocks, -0.0 and (bf16) a block of float32-subnormal values."""
+    from lowbit.formats import fake_quantize
+    from lowbit.kernels.act_quant import fake_quantize_activation_mx
+
+    x = _x(5, 301, dtype, seed=9)
+    x[0, 3] = float("nan")
+    x[2, 100] = float("inf")
+    x[3, :5] = -0.0
+    if dtype == torch.bfloat16:
+        x[4, 32:64] = torch.randn(32, generator=torch.Generator().manual_seed(2)).to(dtype) * 1e-39
+    got = fake_quantize_activation_mx(x, fmt)
+    ref = fake_quantize(x, fmt).to(dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert _nan_equal(got, ref), f"{int(((got != ref) & ~ref.isnan()).sum())} values differ"
+    assert bool(got[0, :32].isnan().all()) and not bool(got[0, 32:].isnan().any())
+
+
+@pytest.mark.parametrize("afmt", ["mxfp8_e4m3", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5])
+def test_mx_upcast_matmul_equals_the_exact_product(afmt, dtype, m):
+    """a8w4-/a4w4-mxfp4 without block-scaled MMA: the exactly dequantized MX activations
+    times the MXFP4 weight through the weight-only kernel, against float64."""
+    from lowbit.kernels import pack_weight
+    from lowbit.kernels.mx import mx_upcast_matmul
+
+    n, k = 70, 300
+    g = torch.Generator().manual_seed(m)
+    qt = quantize_tensor(torch.randn(n, k, generator=g) * 0.05, "mxfp4")
+    pw = pack_weight(qt, dtype=dtype)
+    x = _x(m, k, dtype, seed=m)
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = mx_upcast_matmul(x.reshape(1, m, k), pw, afmt, bias, backend="triton")
+    assert y.shape == (1, m, n) and y.dtype == dtype
+    codes, scales = quantize_activation_mx_reference(x, afmt)
+    a = _dequantize(codes, scales, afmt, k).double()
+    w = qt.dequantize().double()
+    exact, s = a @ w.T + bias.double(), a.abs() @ w.abs().T + bias.double().abs()
+    eps = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    assert bool(((y[0].double() - exact).abs() <= eps * exact.abs() + 1e-6 * s).all())
+
+
+def test_mx_fake_quantize_custom_op_keeps_leading_dims():
+    from lowbit.formats import fake_quantize
+    from lowbit.kernels.ops import mx_fake_quantize
+
+    x = _x(6, 70, torch.bfloat16, seed=1).reshape(2, 3, 70)
+    got = mx_fake_quantize(x, "mxfp4")
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert _nan_equal(got, fake_quantize(x.reshape(6, 70), "mxfp4").to(x.dtype).reshape(2, 3, 70))
+    with pytest.raises(ValueError, match="MX activation format"):
+        mx_fake_quantize(x, "nvfp4")

@@ -172,11 +172,17 @@ def a8w8_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prep
 
 
 def mx_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepared:
-    """An MX recipe (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4): the MX activation quantization
-    kernel and the tl.dot_scaled GEMM, both inside every timing."""
+    """An MX recipe (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4), as QuantLinear runs it: on a GPU
+    with block-scaled MMA the MX activation quantization kernel and the tl.dot_scaled
+    GEMM; elsewhere (Hopper) MXFP4 weights take the upcast path (the MX activations
+    dequantized exactly, then the weight-only kernels) and MXFP8 weights the emulated
+    tl.dot_scaled GEMM (QuantLinear runs the reference there: no kernel to time). The
+    activation quantization is inside every timing."""
     from ..formats import quantize_tensor
+    from ..kernels import pack_weight
     from ..kernels.act_quant import quantize_activation_mx_reference
-    from ..kernels.mx import _dequantize, mx_matmul, mx_reference, mx_unsupported, pack_mx
+    from ..kernels.mx import (_dequantize, mx_matmul, mx_native, mx_reference, mx_unsupported, mx_upcast_matmul,
+                              pack_mx)
 
     qt = quantize_tensor(w, rc.weight_fmt, **rc.weight_options)
     why = mx_unsupported(qt)
@@ -185,12 +191,16 @@ def mx_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepar
     device = w.device
     pm = pack_mx(qt, device)
     act = rc.activation.fmt
-    # the kernel itself even where the dispatcher would not run it (Hopper emulates
-    # block-scaled MMA): its speed is reported beside bf16 as measured
     kb = "reference" if backend == "reference" else "triton"
+    upcast = (backend == "auto" and qt.fmt == "mxfp4" and not (device.type == "cuda" and mx_native(device)))
 
     def bind(p):
+        if upcast:
+            return lambda x: mx_upcast_matmul(x, p, act)
         return lambda x: mx_matmul(x, p, act, backend=kb)
+
+    def pack():
+        return pack_weight(qt, device) if upcast else pack_mx(qt, device)
 
     def vs_float64(x, y_ref):
         codes, scales = quantize_activation_mx_reference(x, act)
@@ -199,13 +209,13 @@ def mx_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepar
 
     return Prepared(
         method=f"lowbit:{recipe}",
-        make=lambda: bind(pack_mx(qt, device)),
+        make=lambda: bind(pack()),
         reference=lambda x: mx_reference(x, pm, act).double(),
         weight_bytes=nominal_weight_bytes(qt),
         flops_rate=FP8_FLOPS,
         checked_against="mx_reference (the same MX activation quantization, float32 products; cross-checked "
-                        "against float64)",
-        first=bind(pm),
+                        "against float64)" + ("; upcast path (no block-scaled MMA)" if upcast else ""),
+        first=bind(pack()),
         extra_checks=[("mx_reference vs float64", vs_float64)],
     )
 

@@ -63,10 +63,19 @@ def _e4m3_decode(c):
     return tl.where((c & 0x80) != 0, -mag, mag)
 
 
+def _load_f32(x_ptrs, mask, EMULATE: tl.constexpr):
+    """x (bf16/fp16) as float32. The interpreter converts subnormal bf16 wrongly, so
+    there a bf16's bits are shifted into a float32's instead (the same value)."""
+    if EMULATE and x_ptrs.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(x_ptrs.to(tl.pointer_type(tl.int16)), mask=mask, other=0)
+        return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
 def _prepare(x_ptrs, mask, iscale_ptrs, HAS_ISCALE: tl.constexpr, FP16: tl.constexpr, RNE_BF16: tl.constexpr,
              EMULATE: tl.constexpr):
     """x (float32) as the reference sees it: after x / input_scale, rounded to x's dtype."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = _load_f32(x_ptrs, mask, EMULATE)
     if HAS_ISCALE:
         d = tl.load(iscale_ptrs, mask=mask, other=1.0)
         x = _div(x, d, EMULATE)
@@ -196,23 +205,35 @@ def _e2m1_bits(v):
     return mag | (((v.to(tl.int32, bitcast=True) >> 31) & 1) << 3)  # the sign bit: -0.0 keeps it
 
 
+def _e2m1_value(c):
+    """FP4 E2M1 code (int32, 0..15) -> its float32 value (0, 0.5, 1, 1.5, 2, 3, 4, 6; signed)."""
+    mag = c & 7
+    v = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
+                 tl.where(mag < 6, (mag - 2).to(tl.float32), ((mag - 4) * 2).to(tl.float32)))
+    return tl.where((c & 8) != 0, -v, v)
+
+
 def _mx_act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, K, KQ, stride_xm, n_blocks,
+    x_ptr, q_ptr, s_ptr, out_ptr, K, KQ, stride_xm, n_blocks,
     FP4: tl.constexpr,  # elements E2M1 (packed two per byte, even element low) else E4M3
     BLOCKS: tl.constexpr,  # 32-element blocks per program
     EMULATE: tl.constexpr,
+    DEQUANT: tl.constexpr = False,  # write the quantized values (x's dtype, [M, K]) instead of codes and scales
+    RNE_BF16: tl.constexpr = False,
 ):
     """MX activations, the spec's floor rule (FORMATS.md): per 32-element block
     E = clamp(floor(log2 amax) - emax, -127, 127), scale byte E + 127 (255 for a block
     holding NaN/Inf, whose codes are 0), codes = element(x / 2^E). Program (m, c)
     quantizes blocks [c * BLOCKS, (c + 1) * BLOCKS) of row m; blocks past K get code 0
-    and scale byte 0."""
+    and scale byte 0. DEQUANT: out = element value * 2^E instead (NaN in a NaN/Inf
+    block, as the reference dequantizes scale byte 255), exact in bfloat16 down to
+    2^-133 and in float16 for the values of a float16 x (module note of act_quant)."""
     EMAX: tl.constexpr = 2 if FP4 else 8
     row = tl.program_id(0).to(tl.int64)
     b0 = tl.program_id(1) * BLOCKS
     blk = b0 + tl.arange(0, BLOCKS)
     k = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCKS, 32]
-    x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    x = _load_f32(x_ptr + row * stride_xm + k, k < K, EMULATE)
     finite = tl.abs(x) < float("inf")
     bad = tl.max((~finite).to(tl.int32), axis=1) > 0  # [BLOCKS]
     x = tl.where(finite, x, 0.0)
@@ -230,6 +251,22 @@ def _mx_act_quant_kernel(
     else:
         c = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
     c = tl.where(bad[:, None], 0, c)
+    if DEQUANT:
+        if FP4:
+            val = _e2m1_value(c)
+        elif EMULATE:
+            val = _e4m3_decode(c)
+        else:
+            val = c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        # 2^E as a float32 (2^-127 is the subnormal 0x00400000); the products are exact
+        p2 = tl.where(e > -127, (e + 127) << 23, 0x00400000).to(tl.float32, bitcast=True)
+        val = tl.where(bad[:, None], float("nan"), val * p2[:, None])
+        if RNE_BF16:  # the interpreter (its bf16 casts truncate and mangle subnormals): store the bits
+            bits = (_round_to_bf16(val).to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+            tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + row * K + k, bits, mask=k < K)
+        else:
+            tl.store(out_ptr + row * K + k, val.to(out_ptr.dtype.element_ty), mask=k < K)
+        return
     s = tl.where(bad, 255, e + 127)
     blk_ok = blk < n_blocks
     tl.store(s_ptr + row * n_blocks + blk, tl.where(blk * 32 < K, s, 0).to(tl.uint8), mask=blk_ok)
@@ -243,7 +280,7 @@ def _mx_act_quant_kernel(
         tl.store(q_ptr + row * KQ + k, c.to(tl.uint8), mask=blk_ok[:, None])
 
 
-_HELPERS = {f.__name__: f for f in (_e4m3_bits, _e2m1_bits, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode)}
+_HELPERS = {f.__name__: f for f in (_load_f32, _e4m3_bits, _e2m1_bits, _e2m1_value, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode)}
 _JITTED: dict[bool, object] = {}
 
 

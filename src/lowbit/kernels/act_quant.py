@@ -11,13 +11,21 @@ E4M3 bit patterns (uint8) or INT8; scales float32 [M] (per token) or
 divides x first, rounded to x's dtype, exactly as QuantLinear's reference path
 does. The Triton kernel and the reference (``lowbit.formats.quantize_tensor``)
 give the same codes and scales bit for bit.
+
+MX activations (``quantize_activation_mx``: codes and E8M0 scales for tl.dot_scaled;
+``fake_quantize_activation_mx``: the dequantized values in x's dtype, for GPUs without
+block-scaled MMA). A dequantized MX value is a code of at most 4 significant bits
+times 2^E: exact in bfloat16 unless below 2^-133 (a block of float32-subnormal x).
+For a float16 x, E <= 7 (its amax is below 2^16), so no value overflows, and a value
+below float16's 2^-24 grid comes only from a block whose values all lie on that grid
+and are reproduced exactly; so the float16 result is exact too.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..formats import quantize_tensor
+from ..formats import fake_quantize, quantize_tensor
 
 FORMATS = ("fp8_e4m3", "int8")
 GROUPS = (None, 128)
@@ -176,7 +184,34 @@ def quantize_activation_mx(x: torch.Tensor, fmt: str, backend: str = "triton"):
     scales = torch.empty((m, kq // 32), dtype=torch.uint8, device=x.device)
     if m:
         blocks = 4  # 128 elements per program
-        aq.kernel()[2][(m, kq // 32 // blocks)](x, codes, scales, k, kq, x.stride(0), kq // 32, FP4=fp4, BLOCKS=blocks,
+        aq.kernel()[2][(m, kq // 32 // blocks)](x, codes, scales, x, k, kq, x.stride(0), kq // 32, FP4=fp4, BLOCKS=blocks,
                                                 EMULATE=interpret_mode(), num_warps=1)
     return codes, scales
+
+
+def fake_quantize_activation_mx(x: torch.Tensor, fmt: str, backend: str = "triton") -> torch.Tensor:
+    """x [M, K] bf16/fp16 -> the MX-quantized values, dequantized, in x's dtype [M, K]:
+    ``lowbit.formats.fake_quantize(x, fmt)`` (the floor rule) in one Triton pass. An
+    MXFP8/MXFP4 value (a 4- or 2-bit significand times a power of two) is exact in
+    bfloat16 (down to 2^-133) and, for a float16 x, in float16 (module note), so a
+    16-bit matmul of these values with a weight is the MX recipe's product: how MX
+    activations run on GPUs without block-scaled MMA (QuantLinear, Hopper)."""
+    if backend == "reference":
+        _check_mx(x, fmt)
+        return fake_quantize(x, fmt).to(x.dtype)
+    _check_mx(x, fmt)
+    from . import _act_quant_triton as aq
+    from ._weight_only_triton import interpret_mode
+
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    if m and k:
+        blocks = 4
+        interp = interpret_mode()
+        aq.kernel()[2][(m, -(-k // (32 * blocks)))](
+            x, out, out, out, k, k, x.stride(0), -(-k // 32), FP4=fmt == "mxfp4", BLOCKS=blocks,
+            EMULATE=interp, DEQUANT=True, RNE_BF16=interp and x.dtype == torch.bfloat16, num_warps=1)
+    return out
 

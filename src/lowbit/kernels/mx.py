@@ -16,6 +16,13 @@ a8w8-h200.md). Backends: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET),
 dequantizing on every call), "auto" (triton on Blackwell and under the interpreter,
 else the reference; QuantLinear's own reference caches the dequantized weight).
 NVFP4 (E4M3 scales per 16 and a tensor scale) has no kernel yet: it runs the reference.
+
+Without block-scaled MMA (Hopper) ``mx_upcast_matmul`` runs MXFP4-weight recipes
+(a8w4-mxfp4, a4w4-mxfp4) faster than that emulation: one pass writes the MX-quantized
+activations dequantized in x's dtype (exact: ``act_quant.fake_quantize_activation_mx``),
+then the weight-only kernels multiply them with the MXFP4 weight (exact in bf16/fp16,
+float32 sums), the dispatcher choosing GEMV, swapped MMA, tiled GEMM or dequantize +
+cuBLAS per shape: the recipe's product, at the weight-only kernels' speed.
 """
 
 from __future__ import annotations
@@ -170,3 +177,26 @@ def _launch(codes, scales, act_fmt, pm: PackedMX, bias, y, cfg: A8W8Config) -> N
         RNE_BF16=rne, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     reduce_split(ws, split, bias, y, rne)
+
+
+def upcast_activation_applies(act_fmt: str | None, act_options: dict) -> bool:
+    """Whether activations of this spec can be MX-quantized by the upcast kernel: an MX
+    format with the spec's floor rule and no other option."""
+    return (act_fmt in ACT_FORMATS and set(act_options) <= {"scale_rule"}
+            and act_options.get("scale_rule", "floor") == "floor")
+
+
+def mx_upcast_matmul(x: torch.Tensor, pw, act_fmt: str, bias: torch.Tensor | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """y = mx_quantize(x) @ W^T (+ bias) for a weight packed for the weight-only kernels
+    (``pack_weight(qt, dtype=x.dtype)``, an MXFP4 weight for a8w4-/a4w4-mxfp4): the MX
+    activations, dequantized exactly in x's dtype, through ``weight_only_matmul``."""
+    from .weight_only import weight_only_matmul
+
+    if act_fmt not in ACT_FORMATS:
+        raise ValueError(f"activation format {act_fmt!r}: the MX kernels take {', '.join(ACT_FORMATS)}")
+    if x.shape[-1] != pw.k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {pw.k}")
+    kb = "reference" if backend == "reference" else "triton"
+    xq = act_quant.fake_quantize_activation_mx(x.reshape(-1, pw.k), act_fmt, kb)
+    return weight_only_matmul(xq.reshape(x.shape), pw, bias, backend=backend)

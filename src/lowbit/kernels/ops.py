@@ -108,3 +108,20 @@ def _(x, codes, scales, bias, fmt, n, k, act_fmt):
 def mx_linear(x: torch.Tensor, pm, act_fmt: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``mx_matmul(x, pm, act_fmt, bias)`` through the custom op."""
     return torch.ops.lowbit.mx_linear(x, pm.codes, pm.scales, bias, pm.fmt, pm.n, pm.k, act_fmt)
+
+
+@torch.library.custom_op("lowbit::mx_fake_quantize", mutates_args=())
+def _mx_fake_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    from .act_quant import fake_quantize_activation_mx
+
+    return fake_quantize_activation_mx(x.reshape(-1, x.shape[-1]), fmt).reshape(x.shape)
+
+
+@_mx_fake_quantize.register_fake
+def _(x, fmt):
+    return torch.empty_like(x)
+
+
+def mx_fake_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x's MX-quantized values (floor rule), dequantized in x's dtype, through the custom op."""
+    return torch.ops.lowbit.mx_fake_quantize(x, fmt)

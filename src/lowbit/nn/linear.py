@@ -39,7 +39,10 @@ class QuantLinear(nn.Module):
     a8w8-int8 recipes through the A8W8 kernels (``torch.ops.lowbit.a8w8_linear``:
     activation quantization, then the FP8/INT8 tensor-core GEMM), MX recipes
     (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4) through the MX kernel
-    (``torch.ops.lowbit.mx_linear``, tl.dot_scaled), and everything else (CPU,
+    (``torch.ops.lowbit.mx_linear``, tl.dot_scaled) on GPUs with block-scaled MMA,
+    and elsewhere (Hopper) MXFP4-weight recipes as MX activations dequantized
+    exactly (``torch.ops.lowbit.mx_fake_quantize``) times the weight through the
+    weight-only kernels, and everything else (CPU,
     float32, NVFP4 activations, formats without a kernel) through the reference.
 
     T is the input transform that AWQ/SmoothQuant and rotations leave behind when
@@ -211,16 +214,23 @@ class QuantLinear(nn.Module):
         if self._kernel_applies(x):
             pw = self.packed_weight(x.dtype)
             if pw.triton_supported:
-                from ..kernels.ops import weight_only_linear
+                from ..kernels.ops import mx_fake_quantize, weight_only_linear
 
+                if self.activation.fmt is not None:  # MX activations, dequantized exactly (mx_upcast_matmul)
+                    x = mx_fake_quantize(x, self.activation.fmt)
                 return weight_only_linear(x, pw, b)
         w = self.dequantized_weight(x.dtype)
         return F.linear(self.quantize_activation(x), w, b)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        """backend "auto" on CUDA, bf16/fp16 input, weight-only recipe: the GPU kernels."""
+        """backend "auto" on CUDA, bf16/fp16 input, a weight-only recipe or MX activations
+        (floor rule; on GPUs without block-scaled MMA, ``lowbit.kernels.mx.mx_upcast_matmul``):
+        the weight-only kernels, where they take the weight."""
+        from ..kernels.mx import upcast_activation_applies
+
+        act = self.activation
         return (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-                and self.activation.fmt is None)
+                and (act.fmt is None or upcast_activation_applies(act.fmt, act.options)))
 
     def _a8w8_applies(self, x: torch.Tensor) -> bool:
         """backend "auto" on CUDA, bf16/fp16 input, an a8w8-fp8/int8 recipe whose
@@ -243,7 +253,8 @@ class QuantLinear(nn.Module):
         """backend "auto" on a CUDA GPU with block-scaled MMA (Blackwell, compute capability
         10+), bf16/fp16 input, MXFP8/MXFP4 activations (the spec's floor rule) with MXFP8/MXFP4
         weights (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4): the MX kernel. On Hopper Triton emulates
-        that MMA at 0.1-0.7x bf16 (docs/perf/experiments/a8w8-h200.md), so the reference runs."""
+        that MMA at 0.1-0.7x bf16 (docs/perf/experiments/a8w8-h200.md): MXFP4 weights run the
+        upcast path there (``_kernel_applies``), MXFP8 weights the reference."""
         from ..kernels.mx import ACT_FORMATS, mx_native, mx_unsupported
 
         act = self.activation
