@@ -210,7 +210,7 @@ def _e2m1_value(c):
     mag = c & 7
     v = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
                  tl.where(mag < 6, (mag - 2).to(tl.float32), ((mag - 4) * 2).to(tl.float32)))
-    return tl.where((c & 8) != 0, -v, v)
+    return (v.to(tl.int32, bitcast=True) | ((c & 8) << 28)).to(tl.float32, bitcast=True)  # the sign bit (-0.0 too)
 
 
 def _mx_act_quant_kernel(
