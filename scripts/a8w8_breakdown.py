@@ -1,5 +1,7 @@
 """Where an A8W8 call's time goes on the GPU: the activation quantization alone, the
-GEMM alone (on precomputed codes) and the whole op, CUDA-graph replay, beside bf16.
+GEMM alone (on precomputed codes) and the whole op with and without programmatic
+dependent launch (PDL: the GEMM starts early, prefetches weights and waits for the
+codes), CUDA-graph replay, beside bf16.
 
     PYTHONPATH=src python scripts/a8w8_breakdown.py [--shapes 28672x4096,8192x28672] [--m 1,16,128]
 """
@@ -18,8 +20,11 @@ def main() -> None:
     p.add_argument("--shapes", default="28672x4096,8192x28672")
     p.add_argument("--m", default="1,16,128,8192")
     p.add_argument("--fmt", default="fp8_e4m3")
+    p.add_argument("--pdl-tiles", default="0,2,8", help="weight tiles prefetched under PDL (0: a plain launch)")
     a = p.parse_args()
-    print(f"{'shape':>12} {'M':>5} {'bf16':>8} {'quant':>8} {'split q':>8} {'gemm':>8} {'total':>8}  config")
+    tiles = [int(t) for t in a.pdl_tiles.split(",")]
+    head = " ".join(f"{f'pdl {t}':>8}" for t in tiles)
+    print(f"{'shape':>12} {'M':>5} {'bf16':>8} {'quant':>8} {'split q':>8} {'gemm':>8} {head}  config (whole op per PDL setting)")
     for spec in a.shapes.split(","):
         n, k = map(int, spec.split("x"))
         w = torch.randn(n, k, device="cuda") * 0.02
@@ -37,8 +42,13 @@ def main() -> None:
             t_qs = time_cuda_graph(lambda: act_quant.quantize_activation(x, pa.fmt), rep_ms=5.0)
             act_quant.SPLIT_MIN_K = saved
             t_g = time_cuda_graph(lambda: a8w8._launch(codes, sa, pa, None, y, cfg), rep_ms=5.0)
-            t_all = time_cuda_graph(lambda: a8w8.a8w8_matmul(x, pa), rep_ms=5.0)
-            print(f"{spec:>12} {m:>5} {t_bf16:8.1f} {t_q:8.1f} {t_qs:8.1f} {t_g:8.1f} {t_all:8.1f}  {cfg}", flush=True)
+            saved, totals = a8w8.PDL_TILES, []
+            for t in tiles:
+                a8w8.PDL_TILES = t
+                totals.append(time_cuda_graph(lambda: a8w8.a8w8_matmul(x, pa), rep_ms=5.0))
+            a8w8.PDL_TILES = saved
+            cols = " ".join(f"{t:8.1f}" for t in totals)
+            print(f"{spec:>12} {m:>5} {t_bf16:8.1f} {t_q:8.1f} {t_qs:8.1f} {t_g:8.1f} {cols}  {cfg}", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,16 @@ def _mma(x, y, acc, INT_MMA: tl.constexpr):
     return out
 
 
+def _prefetch_weight_tiles(w_ptr, offs_n, N, KQ, t_begin, t_end, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+    """Ask L2 for the first TILES K tiles of these weight rows (one 128-byte line per row
+    and tile: BLOCK_K <= 128 bytes), while the kernel before this one finishes."""
+    rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * KQ
+    for i in tl.static_range(TILES):
+        t = tl.minimum(t_begin + i, t_end - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [rows + t * BLOCK_K], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
 def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) in grouped order: GROUP_M row blocks share each weight tile in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -73,6 +83,8 @@ def _a8w8_kernel(
     EMULATE: tl.constexpr,
     RNE_BF16: tl.constexpr,
     SEG: tl.constexpr = 0,  # FP8 (not blockwise): restart the MMA sum every SEG K tiles (0: never)
+    PDL: tl.constexpr = 0,  # launched early (programmatic dependent launch): prefetch this many
+                            # weight tiles into L2, then wait for the activation quantization
 ):
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -81,6 +93,9 @@ def _a8w8_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    if PDL > 0:
+        _prefetch_weight_tiles(w_ptr, offs_n, N, KQ, pid_k * TPS, tl.minimum(pid_k * TPS + TPS, NT), BLOCK_K, PDL)
+        gdc_wait()
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * KQ + offs_k[None, :]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * KQ + offs_k[None, :]
     INT_MMA: tl.constexpr = INT8 and not EMULATE
@@ -213,7 +228,7 @@ def tma_kernel():
 
 
 _JITTED: dict[bool, tuple] = {}
-_OWN_HELPERS = {f.__name__: f for f in (_operand, _mma, _tile_ids)}
+_OWN_HELPERS = {f.__name__: f for f in (_operand, _mma, _tile_ids, _prefetch_weight_tiles)}
 
 
 def kernel():
@@ -232,4 +247,5 @@ def kernel():
     globals().update(own)
     globals()["_round_to_bf16"] = wo._round_to_bf16
     globals()["_store_tile"] = wo._store_tile
+    globals()["gdc_wait"] = aq.gdc_wait
     return matmul

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401 (gdc_wait: the GEMMs)
+
 from ._weight_only_triton import _round_to_bf16, interpret_mode
 
 
@@ -147,10 +149,13 @@ def _act_quant_kernel(
     ONE_PASS: tl.constexpr = False,  # per token, BLOCK_K >= KQ: the row read once, kept in registers
     SPLIT: tl.constexpr = False,  # per token, row chunks over programs; amax from part[m, :n_groups]
     NP: tl.constexpr = 1,  # SPLIT: n_groups (the chunk count) rounded up to a power of two
+    PDL: tl.constexpr = False,  # let the GEMM that reads these codes launch now (it waits for them)
 ):
     """q[m, :K] = codes, q[m, K:KQ] = 0 (the GEMM's K padding); s[m] or s[m, g].
     SPLIT: program (m, c) quantizes chunk c of row m with the scale from the chunk
     maxima that _chunk_amax_kernel wrote."""
+    if PDL:
+        gdc_launch_dependents()
     QMAX: tl.constexpr = 127.0 if INT8 else 448.0
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm

@@ -27,6 +27,7 @@ cache, then the default rule below (measured on the H200):
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -304,7 +305,22 @@ def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=l
 # ------------------------------------------------------------------ the op
 
 
-def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
+PDL_TILES = int(os.environ.get("LOWBIT_PDL_TILES", "2"))
+
+
+def pdl_tiles(device: torch.device, cfg: A8W8Config) -> int:
+    """How many weight tiles the GEMM prefetches into L2 when it is launched with
+    programmatic dependent launch (Hopper and later, not the TMA variant): it starts
+    while the activation quantization finishes and waits for the codes. 0: a plain
+    launch (LOWBIT_PDL_TILES=0, the interpreter, older GPUs)."""
+    from ._weight_only_triton import interpret_mode
+
+    if PDL_TILES <= 0 or cfg.tma or interpret_mode() or device.type != "cuda":
+        return 0
+    return PDL_TILES if torch.cuda.get_device_capability(device)[0] >= 9 else 0
+
+
+def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config, pdl: int = 0) -> None:
     import triton
 
     from . import _a8w8_triton as k8
@@ -335,6 +351,7 @@ def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config) -> None:
         HAS_BIAS=bias is not None, EMULATE=interp, RNE_BF16=rne,
         SEG=promotion_tiles(pa, cfg.block_k),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **(dict(PDL=pdl, launch_pdl=True) if pdl else {}),
     )
     reduce_split(ws, split, bias, y, rne)
 
@@ -390,6 +407,7 @@ def a8w8_matmul(x: torch.Tensor, pa: PackedA8W8, bias: torch.Tensor | None = Non
     cfg = (config or plan_a8w8(m, pa, x.device, x.dtype)).check()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    codes, sa = act_quant.quantize_activation(x2, pa.fmt, pa.act_group, input_scale, backend="triton")
-    _launch(codes, sa, pa, bias, y, cfg)
+    pdl = pdl_tiles(x.device, cfg)
+    codes, sa = act_quant.quantize_activation(x2, pa.fmt, pa.act_group, input_scale, backend="triton", pdl=pdl > 0)
+    _launch(codes, sa, pa, bias, y, cfg, pdl)
     return y.reshape(*lead, pa.n)

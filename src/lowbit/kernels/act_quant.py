@@ -78,9 +78,11 @@ def quantize_activation_reference(x: torch.Tensor, fmt: str, group_size: int | N
 
 
 def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None,
-                        input_scale: torch.Tensor | None = None, backend: str = "triton"):
+                        input_scale: torch.Tensor | None = None, backend: str = "triton", pdl: bool = False):
     """x [M, K] bf16/fp16 -> (codes [M, KQ], scales float32 [M] or [M, KQ/128]).
-    backend "triton" (CUDA, or CPU tensors under TRITON_INTERPRET) or "reference"."""
+    backend "triton" (CUDA, or CPU tensors under TRITON_INTERPRET) or "reference".
+    pdl: the next kernel is launched with programmatic dependent launch (the A8W8 GEMM):
+    the quantization kernel lets it start early (it waits for the codes itself)."""
     if backend == "reference":
         return quantize_activation_reference(x, fmt, group_size, input_scale)
     if backend != "triton":
@@ -104,21 +106,23 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
     quant, chunk_amax, _ = aq.kernel()
     flags = dict(HAS_ISCALE=input_scale is not None, FP16=x.dtype == torch.float16,
                  RNE_BF16=interp and x.dtype == torch.bfloat16, EMULATE=interp)
+    pdl = dict(PDL=True) if pdl and not interp else {}
     split = group_size is None and split_rows(m, kq)
     if split:
         chunks = -(-kq // CHUNK)
         parts = torch.empty((m, chunks), dtype=torch.float32, device=x.device)
         chunk_amax[(m, chunks)](x, iscale, parts, k, x.stride(0), chunks, BLOCK_K=CHUNK, num_warps=4, **flags)
         quant[(m, chunks)](x, iscale, codes, scales, parts, k, kq, x.stride(0), chunks, GROUP=0, BLOCK_K=CHUNK,
-                           INT8=int8, SPLIT=True, NP=max(2, 1 << (chunks - 1).bit_length()), num_warps=4, **flags)
+                           INT8=int8, SPLIT=True, NP=max(2, 1 << (chunks - 1).bit_length()), num_warps=4, **flags,
+                           **pdl)
     elif group_size is None and kq <= ONE_PASS_MAX_K:
         block = 1 << (kq - 1).bit_length()
         quant[(m,)](x, iscale, codes, scales, scales, k, kq, x.stride(0), n_groups, GROUP=0, BLOCK_K=block,
-                    INT8=int8, ONE_PASS=True, num_warps=max(4, min(16, block // 512)), **flags)
+                    INT8=int8, ONE_PASS=True, num_warps=max(4, min(16, block // 512)), **flags, **pdl)
     else:
         quant[(m,)](x, iscale, codes, scales, scales, k, kq, x.stride(0), n_groups,
                     GROUP=0 if group_size is None else 128, BLOCK_K=CHUNK if group_size is None else 128,
-                    INT8=int8, num_warps=4, **flags)
+                    INT8=int8, num_warps=4, **flags, **pdl)
     return codes, scales
 
 
