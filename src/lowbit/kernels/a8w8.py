@@ -305,14 +305,16 @@ def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=l
 # ------------------------------------------------------------------ the op
 
 
-PDL_TILES = int(os.environ.get("LOWBIT_PDL_TILES", "2"))
+# Off by default: on the H200 it saved at most 1 us at M=1 and cost 3-6 us on
+# Llama-3-70B down at M=16/128 (docs/perf/experiments/a8w8-h200.md, run 10).
+PDL_TILES = int(os.environ.get("LOWBIT_PDL_TILES", "0"))
 
 
 def pdl_tiles(device: torch.device, cfg: A8W8Config) -> int:
     """How many weight tiles the GEMM prefetches into L2 when it is launched with
-    programmatic dependent launch (Hopper and later, not the TMA variant): it starts
-    while the activation quantization finishes and waits for the codes. 0: a plain
-    launch (LOWBIT_PDL_TILES=0, the interpreter, older GPUs)."""
+    programmatic dependent launch (LOWBIT_PDL_TILES > 0; Hopper and later, not the TMA
+    variant): it starts while the activation quantization finishes and waits for the
+    codes. 0: a plain launch (the default, the interpreter, older GPUs)."""
     from ._weight_only_triton import interpret_mode
 
     if PDL_TILES <= 0 or cfg.tma or interpret_mode() or device.type != "cuda":
