@@ -229,7 +229,15 @@ def candidate_configs(m: int, n: int, kq: int, two_acc: bool, num_sms: int = 132
                 if split <= max(1, n_k // 2):
                     out.append(A8W8Config(bm, bn, 128, split, 4, 4, swap=True))
         out.append(A8W8Config(bm, 128, 64, 2, 4, 6, swap=True))
+        for bn in (64, 128):  # deeper pipelines and more warps: more weight bytes in flight per SM
+            for split in (1, 2):
+                out += [A8W8Config(bm, bn, 128, split, 4, 6, swap=True), A8W8Config(bm, bn, 128, split, 8, 4, swap=True)]
     else:
+        if m <= 256:  # the weight as the MMA's wide side also for a few hundred tokens
+            bm = _pow2_at_least(m, 16)
+            for bn, w in ((64, 4), (128, 8)):
+                for split in (1, 2):
+                    out.append(A8W8Config(bm, bn, 128, split, w, 4, swap=True))
         shapes = [(64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8), (128, 256, 16)]
         for bm, bn, w in shapes:
             if two_acc and bm * bn > 128 * 128 and w < 16:
