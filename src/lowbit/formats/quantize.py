@@ -46,14 +46,30 @@ def _check_finite(x: torch.Tensor, fmt: str) -> None:
         )
 
 
-def _quantize_values(x: torch.Tensor, fmt: str, options: dict):
-    """Shared by quantize_tensor and fake_quantize: -> (spec, axis, values [R, K], parts, tile, kept options)."""
+def checked_spec(fmt: str, options: dict):
+    """The format's spec, after checking that it takes every option given."""
     spec = get_format(fmt)
     unknown = set(options) - spec.options
     if unknown:
         raise ValueError(
             f"format {fmt} does not take option(s) {sorted(unknown)}; it takes {sorted(spec.options)}"
         )
+    return spec
+
+
+def scale_granularity(spec, options: dict) -> tuple[int | None, str]:
+    """(group_size, granularity) of an int or FP8 format from its options, with the
+    defaults: 4-bit ints in groups of 128, 8-bit and FP8 per channel."""
+    group_size = options.get("group_size", None if spec.bits == 8 or spec.family == "fp8" else 128)
+    granularity = options.get("granularity", "group" if group_size is not None else "channel")
+    if "group_size" in options and "granularity" in options and granularity != "group":
+        raise ValueError(f"group_size={group_size} needs granularity='group', got {granularity!r}")
+    return group_size, granularity
+
+
+def _quantize_values(x: torch.Tensor, fmt: str, options: dict):
+    """Shared by quantize_tensor and fake_quantize: -> (spec, axis, values [R, K], parts, tile, kept options)."""
+    spec = checked_spec(fmt, options)
     axis = _check_input(x, options.get("axis", -1))
     k = x.shape[axis]
     x2 = x.detach().movedim(axis, -1).reshape(-1, k).to(torch.float32)
@@ -65,10 +81,7 @@ def _quantize_values(x: torch.Tensor, fmt: str, options: dict):
     kept: dict = {}
     if spec.family in ("int", "fp8"):
         default_8bit = spec.bits == 8
-        group_size = options.get("group_size", None if default_8bit or spec.family == "fp8" else 128)
-        granularity = options.get("granularity", "group" if group_size is not None else "channel")
-        if "group_size" in options and "granularity" in options and granularity != "group":
-            raise ValueError(f"group_size={group_size} needs granularity='group', got {granularity!r}")
+        group_size, granularity = scale_granularity(spec, options)
         block_shape = tuple(options.get("block_shape", (128, 128)))
         tile = tiles.resolve_tile(granularity, group_size, block_shape, r, k, x.dim())
         scale_dtype = options.get("scale_dtype", torch.float32)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import act_quant
-from .act_quant import pad_columns, padded_k
+from .act_quant import packing_shape, pad_columns
 
 FORMATS = ("fp8_e4m3", "int8")
 
@@ -110,12 +110,7 @@ def a8w8_unsupported(qt) -> str | None:
 
 
 def pack_a8w8(qt, device=None) -> PackedA8W8:
-    why = a8w8_unsupported(qt)
-    if why is not None:
-        raise ValueError(f"no A8W8 kernel layout for {why}")
-    n, k = qt.shape
-    kq = padded_k(k)
-    device = torch.device(device) if device is not None else qt.codes.device
+    n, k, kq, device = packing_shape(qt, a8w8_unsupported(qt), "A8W8 kernel", device)
     codes = pad_columns(qt.codes.view(torch.int8 if qt.fmt == "int8" else torch.uint8), kq, device=device)
     blockwise = qt.tile == (128, 128)
     s = qt.scales.to(device=device, dtype=torch.float32)

@@ -36,6 +36,15 @@ def padded_k(k: int) -> int:
     return -(-k // K_ALIGN) * K_ALIGN
 
 
+def packing_shape(qt, why: str | None, kernel: str, device=None) -> tuple[int, int, int, torch.device]:
+    """(N, K, KQ, device) of a weight being packed for ``kernel``; ``why`` (the kernel's
+    reason not to take it, or None) raises first."""
+    if why is not None:
+        raise ValueError(f"no {kernel} layout for {why}")
+    n, k = qt.shape
+    return n, k, padded_k(k), torch.device(device) if device is not None else qt.codes.device
+
+
 def pad_columns(t: torch.Tensor, width: int, fill: float = 0, device=None) -> torch.Tensor:
     """t [R, C] (C <= width) copied into a new [R, width] tensor filled with ``fill``:
     the kernels' K padding of codes and scales."""

@@ -33,7 +33,7 @@ import torch
 
 from . import act_quant
 from .a8w8 import A8W8Config
-from .act_quant import pad_columns, padded_k
+from .act_quant import packing_shape, pad_columns
 
 WEIGHT_FORMATS = ("mxfp8_e4m3", "mxfp4")
 ACT_FORMATS = act_quant.MX_FORMATS
@@ -75,12 +75,7 @@ def mx_unsupported(qt) -> str | None:
 
 
 def pack_mx(qt, device=None) -> PackedMX:
-    why = mx_unsupported(qt)
-    if why is not None:
-        raise ValueError(f"no MX kernel layout for {why}")
-    n, k = qt.shape
-    kq = padded_k(k)
-    device = torch.device(device) if device is not None else qt.codes.device
+    n, k, kq, device = packing_shape(qt, mx_unsupported(qt), "MX kernel", device)
     per_byte = 2 if qt.fmt == "mxfp4" else 1
     codes = pad_columns(qt.codes, kq // per_byte, device=device)
     return PackedMX(qt.fmt, n, k, codes, pad_columns(qt.scales, kq // 32, device=device))

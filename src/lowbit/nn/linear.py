@@ -262,42 +262,35 @@ class QuantLinear(nn.Module):
                 and act.fmt in ACT_FORMATS and act.options.get("scale_rule", "floor") == "floor"
                 and mx_native(x.device) and mx_unsupported(self.qweight) is None)
 
+    def _packed(self, kind, make):
+        """``make(qweight)`` for ``kind``, cached until a weight part changes; one packing
+        at a time lives beside the canonical buffers (the old one is freed first)."""
+        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
+        key = (kind, self.weight_codes.device, parts)
+        if self._pw_cache is None or self._pw_cache[0] != key:
+            self._pw_cache = None
+            self._pw_cache = (key, make(self.qweight))
+        return self._pw_cache[1]
+
     def packed_mx(self):
         """The weight in the MX kernel's layout (``lowbit.kernels.mx.pack_mx``), cached."""
         from ..kernels.mx import pack_mx
 
-        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
-        key = ("mx", self.weight_codes.device, parts)
-        if self._pw_cache is None or self._pw_cache[0] != key:
-            self._pw_cache = None
-            self._pw_cache = (key, pack_mx(self.qweight))
-        return self._pw_cache[1]
+        return self._packed("mx", pack_mx)
 
     def packed_a8w8(self):
-        """The weight in the A8W8 kernels' layout (``lowbit.kernels.a8w8.pack_a8w8``),
-        made on first use and cached until a weight part changes."""
+        """The weight in the A8W8 kernels' layout (``lowbit.kernels.a8w8.pack_a8w8``), cached."""
         from ..kernels.a8w8 import pack_a8w8
 
-        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
-        key = ("a8w8", self.weight_codes.device, parts)
-        if self._pw_cache is None or self._pw_cache[0] != key:
-            self._pw_cache = None
-            self._pw_cache = (key, pack_a8w8(self.qweight))
-        return self._pw_cache[1]
+        return self._packed("a8w8", pack_a8w8)
 
     def packed_weight(self, dtype: torch.dtype):
-        """The weight in the kernels' layout for ``dtype`` activations
-        (``lowbit.kernels.pack_weight``), made on first use and cached until a
-        weight part changes. It lives beside the canonical buffers (the state
-        dict keeps those): about twice the weight's bytes on the device."""
+        """The weight in the weight-only kernels' layout for ``dtype`` activations
+        (``lowbit.kernels.pack_weight``), cached: about twice the weight's bytes on the
+        device, beside the canonical buffers (the state dict keeps those)."""
         from ..kernels import pack_weight
 
-        parts = tuple(_version(getattr(self, f"weight_{p}", None)) for p in _PARTS)
-        key = (dtype, self.weight_codes.device, parts)
-        if self._pw_cache is None or self._pw_cache[0] != key:
-            self._pw_cache = None  # free the old packing first
-            self._pw_cache = (key, pack_weight(self.qweight, dtype=dtype))
-        return self._pw_cache[1]
+        return self._packed(dtype, lambda qt: pack_weight(qt, dtype=dtype))
 
     def extra_repr(self) -> str:
         extra = ""

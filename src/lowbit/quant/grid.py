@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import QTensor, get_format
+from ..formats import QTensor
 from ..formats import elements, int as int_fmt, mx, nvfp4, pack, tiles
+from ..formats.quantize import checked_spec, scale_granularity
 
 __all__ = ["Grid", "make_grid"]
 
@@ -211,18 +212,12 @@ class Grid:
 def make_grid(fmt: str, k: int, **options) -> Grid:
     """The Grid of format ``fmt`` for weights with ``k`` input features, with
     quantize_tensor's option rules (defaults, checks, the options kept)."""
-    spec = get_format(fmt)
-    unknown = set(options) - spec.options
-    if unknown:
-        raise ValueError(f"format {fmt} does not take option(s) {sorted(unknown)}; it takes {sorted(spec.options)}")
+    spec = checked_spec(fmt, options)
     if options.get("axis", -1) not in (-1, 1):
         raise ValueError("lowbit.quant works on weights [out, in] blocked along in (axis=-1 or 1)")
     if spec.family in ("int", "fp8"):
         default_8bit = spec.bits == 8
-        group_size = options.get("group_size", None if default_8bit or spec.family == "fp8" else 128)
-        granularity = options.get("granularity", "group" if group_size is not None else "channel")
-        if "group_size" in options and "granularity" in options and granularity != "group":
-            raise ValueError(f"group_size={group_size} needs granularity='group', got {granularity!r}")
+        group_size, granularity = scale_granularity(spec, options)
         if granularity not in ("group", "channel", "token"):
             raise ValueError(
                 f"lowbit.quant algorithms need one scale per row and tile of K (granularity 'channel' or "
