@@ -24,7 +24,8 @@ def main() -> None:
     a = p.parse_args()
     tiles = [int(t) for t in a.pdl_tiles.split(",")]
     head = " ".join(f"{f'pdl {t}':>8}" for t in tiles)
-    print(f"{'shape':>12} {'M':>5} {'bf16':>8} {'quant':>8} {'split q':>8} {'gemm':>8} {head}  config (whole op per PDL setting)")
+    print(f"{'shape':>12} {'M':>5} {'bf16':>8} {'quant':>8} {'split q':>8} {'gemm':>8} {'q, g':>8} {'q->g':>8} {head}"
+          "  config (q, g: both kernels in one graph, the GEMM on other codes; q->g: on the new codes; then the op)")
     for spec in a.shapes.split(","):
         n, k = map(int, spec.split("x"))
         w = torch.randn(n, k, device="cuda") * 0.02
@@ -42,13 +43,21 @@ def main() -> None:
             t_qs = time_cuda_graph(lambda: act_quant.quantize_activation(x, pa.fmt), rep_ms=5.0)
             act_quant.SPLIT_MIN_K = saved
             t_g = time_cuda_graph(lambda: a8w8._launch(codes, sa, pa, None, y, cfg), rep_ms=5.0)
+
+            def both(independent: bool):
+                c2, s2 = act_quant.quantize_activation(x, pa.fmt)
+                a8w8._launch(codes if independent else c2, sa if independent else s2, pa, None, y, cfg)
+
+            t_qg = time_cuda_graph(lambda: both(True), rep_ms=5.0)
+            t_qdg = time_cuda_graph(lambda: both(False), rep_ms=5.0)
             saved, totals = a8w8.PDL_TILES, []
             for t in tiles:
                 a8w8.PDL_TILES = t
                 totals.append(time_cuda_graph(lambda: a8w8.a8w8_matmul(x, pa), rep_ms=5.0))
             a8w8.PDL_TILES = saved
             cols = " ".join(f"{t:8.1f}" for t in totals)
-            print(f"{spec:>12} {m:>5} {t_bf16:8.1f} {t_q:8.1f} {t_qs:8.1f} {t_g:8.1f} {cols}  {cfg}", flush=True)
+            print(f"{spec:>12} {m:>5} {t_bf16:8.1f} {t_q:8.1f} {t_qs:8.1f} {t_g:8.1f} {t_qg:8.1f} {t_qdg:8.1f} {cols}  {cfg}",
+                  flush=True)
 
 
 if __name__ == "__main__":
