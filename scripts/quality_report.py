@@ -261,6 +261,7 @@ def write_docs(args, cache: dict) -> bool:
     commands = sorted({r.get("command", "PYTHONPATH=src python scripts/quality_report.py (command not recorded)")
                        for r in used})
     seqs = sorted({row_seqs(r) for r in used if row_seqs(r)})
+    row_commits = sorted({r["commit"] for r in used if r.get("commit")}) or [commit()]
     result["calibration_seqs"] = seqs
     result["commands"] = commands
     md = [
@@ -275,7 +276,9 @@ def write_docs(args, cache: dict) -> bool:
         + (f"Calibrated rows used {' or '.join(map(str, seqs))} calibration sequences (see each cell's note): "
            "the acceptance rows of the methods issue got the larger number, the rest of the matrix the smaller, "
            "to keep the whole run within about two hours on 2 shared CPU cores. " if len(seqs) > 1 else "")
-        + f"Commit {commit()} (plus the working tree of the methods issue), torch "
+        + f"Rows measured at commit{'s' if len(row_commits) > 1 else ''} {', '.join(row_commits)} (the early ones with "
+        "the methods issue's working tree; each row records its own in the cache), document written at "
+        f"{commit()}; torch "
         f"{torch.__version__}, CPU reference path, float32 models, one torch thread; rows measured between "
         f"{min((r.get('measured', today) for r in cache.values() if isinstance(r, dict) and 'measured' in r), default=today)} "
         f"and {today}. Every `nn.Linear` but `lm_head` is quantized. Evaluation text: the evaluation half of "
