@@ -413,3 +413,21 @@ def test_tune_candidates_are_valid_and_tune_needs_cuda():
     assert not any(getattr(c, "int_f32", False) for c in dispatch.candidate_configs(1, "mx"))
     with pytest.raises(ValueError, match="CUDA"):
         dispatch.tune([(64, 64)], ["a16w4-int-g32"], [1], device="cpu")
+
+
+def test_tune_confirms_the_fastest_by_interleaved_medians():
+    """A candidate that was lucky once loses to one that is fast every time."""
+    from lowbit.kernels.dispatch import confirm_fastest
+
+    later = {"a": [9.0, 9.0], "b": [10.0, 10.0], "c": [20.0, 20.0], "d": [30.0, 30.0]}
+    calls = []
+
+    def time_again(entry):
+        calls.append(entry[1])
+        return later[entry[1]].pop(0)
+
+    timed = [(8.0, "a"), (5.0, "b"), (12.0, "c"), (7.0, "d")]
+    # one pass ranks b (5.0, lucky), d, a; their medians: b 10, d 30, a 9
+    assert confirm_fastest(timed, time_again) == (9.0, "a")
+    assert calls == ["b", "d", "a", "b", "d", "a"]  # interleaved rounds over the three fastest
+    assert confirm_fastest([(3.0, "x")], lambda e: 4.0, rounds=2) == (4.0, "x")
