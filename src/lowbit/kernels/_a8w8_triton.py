@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from . import _act_quant_triton as aq
 from ._weight_only_triton import _round_to_bf16, _store_tile, interpret_mode
@@ -247,5 +248,4 @@ def kernel():
     globals().update(own)
     globals()["_round_to_bf16"] = wo._round_to_bf16
     globals()["_store_tile"] = wo._store_tile
-    globals()["gdc_wait"] = aq.gdc_wait
     return matmul

@@ -31,8 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401 (gdc_wait: the GEMMs)
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ._weight_only_triton import _round_to_bf16, interpret_mode
 

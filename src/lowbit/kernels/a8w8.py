@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import act_quant
-from .act_quant import packing_shape, pad_columns
+from .act_quant import check_matmul_args, packing_shape, pad_columns
 
 FORMATS = ("fp8_e4m3", "int8")
 
@@ -389,14 +389,9 @@ def a8w8_matmul(x: torch.Tensor, pa: PackedA8W8, bias: torch.Tensor | None = Non
     """y = quantize(x / input_scale) @ W^T (+ bias), in x's dtype (bf16 or fp16)."""
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
-    if x.shape[-1] != pa.k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {pa.k}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"the A8W8 matmul takes bfloat16 or float16 x, got {x.dtype} (cast it first)")
+    check_matmul_args(x, pa.n, pa.k, bias, "A8W8")
     if x.device != pa.codes.device:
         raise ValueError(f"x is on {x.device}, the weight on {pa.codes.device}")
-    if bias is not None and bias.shape != (pa.n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({pa.n},)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pa.k)
     if backend == "auto":

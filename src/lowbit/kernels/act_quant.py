@@ -45,6 +45,16 @@ def packing_shape(qt, why: str | None, kernel: str, device=None) -> tuple[int, i
     return n, k, padded_k(k), torch.device(device) if device is not None else qt.codes.device
 
 
+def check_matmul_args(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, kernel: str) -> None:
+    """The activation-quantized matmuls' input checks: x [..., k] in bf16/fp16, bias [n]."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {k}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"the {kernel} matmul takes bfloat16 or float16 x, got {x.dtype} (cast it first)")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+
+
 def pad_columns(t: torch.Tensor, width: int, fill: float = 0, device=None) -> torch.Tensor:
     """t [R, C] (C <= width) copied into a new [R, width] tensor filled with ``fill``:
     the kernels' K padding of codes and scales."""

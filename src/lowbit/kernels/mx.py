@@ -33,7 +33,7 @@ import torch
 
 from . import act_quant
 from .a8w8 import A8W8Config
-from .act_quant import packing_shape, pad_columns
+from .act_quant import check_matmul_args, packing_shape, pad_columns
 
 WEIGHT_FORMATS = ("mxfp8_e4m3", "mxfp4")
 ACT_FORMATS = act_quant.MX_FORMATS
@@ -122,12 +122,7 @@ def mx_matmul(x: torch.Tensor, pm: PackedMX, act_fmt: str, bias: torch.Tensor | 
         raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
     if act_fmt not in ACT_FORMATS:
         raise ValueError(f"activation format {act_fmt!r}: the MX kernel takes {', '.join(ACT_FORMATS)}")
-    if x.shape[-1] != pm.k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {pm.k}")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"the MX matmul takes bfloat16 or float16 x, got {x.dtype} (cast it first)")
-    if bias is not None and bias.shape != (pm.n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({pm.n},)")
+    check_matmul_args(x, pm.n, pm.k, bias, "MX")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pm.k)
     if backend == "auto":
@@ -190,8 +185,7 @@ def mx_upcast_matmul(x: torch.Tensor, pw, act_fmt: str, bias: torch.Tensor | Non
 
     if act_fmt not in ACT_FORMATS:
         raise ValueError(f"activation format {act_fmt!r}: the MX kernels take {', '.join(ACT_FORMATS)}")
-    if x.shape[-1] != pw.k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {pw.k}")
+    check_matmul_args(x, pw.n, pw.k, bias, "MX upcast")
     kb = "reference" if backend == "reference" else "triton"
     xq = act_quant.fake_quantize_activation_mx(x.reshape(-1, pw.k), act_fmt, kb)
     return weight_only_matmul(xq.reshape(x.shape), pw, bias, backend=backend)
