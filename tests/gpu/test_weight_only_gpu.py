@@ -148,6 +148,8 @@ def test_odd_shapes(name, n, k, m):
         WeightOnlyConfig(1, 32, split_k=8, mode="gemv", num_warps=2, num_stages=2),
         WeightOnlyConfig(1, 128, split_k=1, mode="gemv", num_warps=4),
         WeightOnlyConfig(1, 64, split_k=4, mode="gemv", num_warps=2, int_f32=True),
+        WeightOnlyConfig(1, 64, split_k=3, mode="gemv", num_warps=4, int_f32=True, prefetch=2),
+        WeightOnlyConfig(1, 32, split_k=6, mode="gemv", num_warps=1, prefetch=2),
         WeightOnlyConfig(16, 64, split_k=8, mode="swap", num_stages=2),
         WeightOnlyConfig(32, 256, split_k=4, mode="swap", num_warps=8),
         WeightOnlyConfig(64, 128, split_k=1, mode="swap", stack=False),
@@ -155,7 +157,7 @@ def test_odd_shapes(name, n, k, m):
         WeightOnlyConfig(128, 256, split_k=1, mode="gemm", num_warps=8, stack=False),
     ],
     ids=lambda c: (f"{c.mode}-bm{c.block_m}-bn{c.block_n}-s{c.split_k}-w{c.num_warps}-"
-                   f"{'stack' if c.stack else 'chunks'}{'-f32' if c.int_f32 else ''}"),
+                   f"{'stack' if c.stack else 'chunks'}{'-f32' if c.int_f32 else ''}-pf{c.prefetch}"),
 )
 @pytest.mark.parametrize("name", ["int4-g128", "mxfp4", "int8-channel"])
 def test_explicit_configs(name, config):

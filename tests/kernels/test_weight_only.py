@@ -69,15 +69,19 @@ def _id(c):
     return fmt + "".join(f"-{k}={getattr(v, '__name__', str(v).replace('torch.', ''))}" for k, v in opts.items())
 
 
-def check_close(y, x, pw, bias, tag):
+def check_close(y, x, pw, bias, tag, config=None):
     """y against the exact product with the kernels' weight values (tight) and
-    against the reference (loose); see the module docstring."""
+    against the reference (loose); see the module docstring. config: the launch
+    config that ran (None: the default for this M)."""
     y_ref = weight_only_matmul_reference(x, pw, bias)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype, f"{tag}: {y.shape} {y.dtype} vs {y_ref.shape}"
     if y.numel() == 0:
         return
     k = x.shape[-1]
-    kw = kernel_weight(pw).double()
+    m = x.numel() // k
+    cfg = config or dispatch.default_config(m, pw.n, k, pw, dispatch.num_sms(x.device))
+    f32_gemv = cfg.mode == "gemv" and cfg.int_f32 and pw.layout.family == "int"
+    kw = kernel_weight(pw, rounded=not f32_gemv).double()
     x2 = x.reshape(-1, k).double()
     exact = x2 @ kw.t()
     s = x2.abs() @ kw.abs().t()
@@ -116,7 +120,8 @@ def run_case(fmt, opts, m, n, k, dtype, bias, seed, lead=None, config=None, back
     qt = quantize_tensor(w, fmt, **opts)
     pw = pack_weight(qt, dtype=dtype)
     y = weight_only_matmul(x, pw, b, backend=backend, config=config)
-    check_close(y, x, pw, b, f"{fmt} {opts} x{list(x.shape)} W[{n}, {k}] {dtype} bias={bias} {backend} {config}")
+    check_close(y, x, pw, b, f"{fmt} {opts} x{list(x.shape)} W[{n}, {k}] {dtype} bias={bias} {backend} {config}",
+                config)
     return pw
 
 
@@ -153,6 +158,8 @@ CONFIGS = [
     WeightOnlyConfig(16, 16, split_k=2, mode="gemm"),
     WeightOnlyConfig(32, 32, split_k=1, mode="gemm", group_m=2, stack=False),
     WeightOnlyConfig(64, 64, split_k=2, mode="gemm"),
+    WeightOnlyConfig(1, 32, split_k=1, mode="gemv", num_warps=2, prefetch=2),  # two tiles ahead, 3 tiles
+    WeightOnlyConfig(16, 64, split_k=2, mode="swap", prefetch=2),
 ]
 
 
@@ -387,12 +394,14 @@ def test_pack_weight_validates():
                          ids=["int4-g32", "int4-g64-sym", "int4-g256", "int4-channel", "int8", "int8-g32", "int8-g64"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_float32_int_gemv(fmt, opts, dtype):
-    """The float32 integer GEMV (codes moved into the mantissa of 1.0, scale and bias
-    applied once per group) against the exact product with the unrounded values
-    q * scale + bias: a tighter match than the bf16 path's."""
+    """The float32 integer GEMV (codes as float32 C + q, scale and bias applied once
+    per group) against the exact product with its values (q * scale + bias unrounded,
+    with the 4-bit carry): a tighter match than the bf16 path's."""
     w, x, b = _data(1, 67, 360, dtype, True, seed=21)
     pw = pack_weight(quantize_tensor(w, fmt, **opts), dtype=dtype)
-    y = weight_only_matmul(x, pw, b, backend="triton", config=WeightOnlyConfig(1, 32, 2, 1, 3, "gemv", int_f32=True))
+    pf = 2 if dtype == torch.float16 else 1  # prefetch: both depths, across the cases
+    y = weight_only_matmul(x, pw, b, backend="triton",
+                           config=WeightOnlyConfig(1, 32, 2 if pf == 1 else 1, 1, 3, "gemv", int_f32=True, prefetch=pf))
     kw = kernel_weight(pw, rounded=False)
     exact = x.double() @ kw.t() + b.double()
     s = x.double().abs() @ kw.abs().t() + b.double().abs()
@@ -410,6 +419,13 @@ def test_tune_candidates_are_valid_and_tune_needs_cuda():
                 c.check(pw)
         assert ("dequant" in cands) == (m >= 128)
     assert any(c.int_f32 for c in dispatch.candidate_configs(1, "int"))
+    m1 = [c for c in dispatch.candidate_configs(1, "int", bits=8) if c != "dequant"]
+    assert {c.prefetch for c in m1} == {1, 2} and {c.max_regs for c in m1} == {None, 96}
+    assert dispatch.default_config(1, 256, 512, pw).int_f32  # integer codes: the float32 GEMV by default
+    with pytest.raises(ValueError, match="prefetch=3"):
+        WeightOnlyConfig(1, 32, prefetch=3, mode="gemv").check(pw)
+    with pytest.raises(ValueError, match="max_regs=100"):
+        WeightOnlyConfig(1, 32, max_regs=100, mode="gemv").check(pw)
     assert not any(getattr(c, "int_f32", False) for c in dispatch.candidate_configs(1, "mx"))
     with pytest.raises(ValueError, match="CUDA"):
         dispatch.tune([(64, 64)], ["a16w4-int-g32"], [1], device="cpu")

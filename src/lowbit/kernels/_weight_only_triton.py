@@ -199,13 +199,17 @@ def _acc_chunk(acc, w, x_base, m_ok, k0, offs_r, K, MODE: tl.constexpr, DOT_TY: 
             xt = tl.load(x_base + k0, mask=m_ok[None, :] & ((k0 + offs_r)[:, None] < K), other=0.0)
         acc = tl.dot(tl.trans(w), xt.to(DOT_TY), acc)
     else:
-        if EVEN_K:
-            xt = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
-        else:
-            xt = tl.load(x_base + k0, mask=m_ok[:, None] & ((k0 + offs_r)[None, :] < K), other=0.0)
         if MODE == 0:
+            if EVEN_K:
+                xt = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
+            else:
+                xt = tl.load(x_base + k0, mask=m_ok[:, None] & ((k0 + offs_r)[None, :] < K), other=0.0)
             acc = tl.dot(xt.to(DOT_TY), w, acc)
-        else:  # GEMV, one token: acc [R, BLOCK_N] gathers products elementwise (one FMA each)
+        else:  # GEMV, one token per program (no mask along M): acc [R, BLOCK_N] gathers products (one FMA each)
+            if EVEN_K:
+                xt = tl.load(x_base + k0)
+            else:
+                xt = tl.load(x_base + k0, mask=(k0 + offs_r)[None, :] < K, other=0.0)
             acc += w.to(tl.float32) * tl.reshape(xt, (xt.shape[1], 1)).to(tl.float32)
     return acc
 
@@ -241,118 +245,135 @@ def _acc_tile(acc, w, x_base, m_ok, k0, offs_k, K, MODE: tl.constexpr, DOT_TY: t
     return acc
 
 
-def _gemv_chunk(tacc, xs, word, x_base, m_ok, k0, offs_r, K, J: tl.constexpr, BITS: tl.constexpr,
-                EVEN_K: tl.constexpr, FIRST: tl.constexpr, F=None):
-    """GEMV, integer codes, float32: position J's codes as f = 1 + q / 2^BITS (the
-    code moved into the mantissa of 1.0: one shift and one LOP3; F: those values
-    already computed by the PTX), accumulated as x * f into tacc [R, BLOCK_N];
-    xs [R, 1] gathers the x values (for the 1.0 part)."""
-    if F is None:
-        MANT: tl.constexpr = 23 - BITS  # the code's lowest bit lands at mantissa bit MANT
-        SH: tl.constexpr = MANT - J * BITS
-        if SH >= 0:
-            c = word << SH
-        else:
-            c = word >> (-SH)
-        f = ((c & (((1 << BITS) - 1) << MANT)) | 0x3F800000).to(tl.float32, bitcast=True)
-    else:
-        f = F
-    k = k0 + offs_r
+def _gemv_chunk(tacc, xs, xh, f, x_base, k0, offs_r, K, EVEN_K: tl.constexpr, FIRST: tl.constexpr,
+                HI: tl.constexpr):
+    """GEMV, integer codes, float32: one position's codes as f = C + q (see
+    ``_f32_codes_asm``), accumulated as x * f into tacc [R, BLOCK_N]; xs [R, 1] gathers
+    the x values (for the C part), xh those of the 4-bit high-half positions (HI),
+    whose C is larger by 67/256. One token per program, so no mask along M."""
     if EVEN_K:
-        xt = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
+        xt = tl.load(x_base + k0)
     else:
-        xt = tl.load(x_base + k0, mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
+        xt = tl.load(x_base + k0, mask=(k0 + offs_r)[None, :] < K, other=0.0)
     xc = tl.reshape(xt, (xt.shape[1], 1)).to(tl.float32)
     if FIRST:
-        return xc * f, xc
-    return tacc + xc * f, xs + xc
+        if HI:
+            return xc * f, xc, xc
+        return xc * f, xc, xh * 0.0
+    if HI:
+        return tacc + xc * f, xs + xc, xh + xc
+    return tacc + xc * f, xs + xc, xh
 
 
-def _gemv_flush(acc, tacc, xs, s, b, BITS: tl.constexpr):
-    """acc += the group's contribution: sum x (q s + b) = 2^BITS s * sum x f + (b - 2^BITS s) * sum x."""
+def _gemv_flush(acc, tacc, xs, xh, s, b, BITS: tl.constexpr, MIXED: tl.constexpr, ALL_HI: tl.constexpr):
+    """acc += the group's contribution sum x (q s + b) = s sum x f + sum x (b - C s), C the
+    positions' offsets (``_f32_codes_asm``): 128 (4-bit, low half), 128 + 67/256 (4-bit,
+    high half; MIXED: the group has both, ALL_HI: only these), 1 with f scaled by 256 (8-bit)."""
     sf = s.to(tl.float32)[None, :]
     bf = b.to(tl.float32)[None, :]
-    alpha = sf * (1 << BITS)
-    return acc + alpha * tacc + (bf - alpha) * xs
+    if BITS == 8:
+        alpha = sf * 256.0
+        return acc + alpha * tacc + (bf - alpha) * xs
+    if ALL_HI:
+        return acc + sf * tacc + (bf - 128.26171875 * sf) * xs
+    if MIXED:
+        return acc + sf * tacc + (bf - 128.0 * sf) * xs + (-0.26171875 * sf) * xh
+    return acc + sf * tacc + (bf - 128.0 * sf) * xs
 
 
-def _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, offs_r, K,
+def _f32_codes_emulated(word, J: tl.constexpr, BITS: tl.constexpr):
+    """Interpreter: the float32 the PTX of ``_f32_codes_asm`` gives for position J, by bits."""
+    if BITS == 4:
+        lo = (word >> ((J % 4) * 4)) & 0xF
+        if J >= 4:
+            bits = 0x43004300 | (((word >> (J * 4)) & 0xF) << 16) | lo
+        else:
+            bits = 0x43000000 | (lo << 16)
+    else:
+        bits = (((word >> (J * 8)) & 0xFF) << 15) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
+
+
+def _sel4(i: tl.constexpr, a0, a1, a2, a3):
+    if i == 0:
+        return a0
+    elif i == 1:
+        return a1
+    elif i == 2:
+        return a2
+    else:
+        return a3
+
+
+def _gemv_pos(acc, tacc, xs, xh, f, x_base, k0, offs_r, K, J: tl.constexpr, s0, b0, s1, b1, s2, b2, s3, b3,
+              BITS: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """Position J of the integer GEMV's tile: its products into (tacc, xs, xh), and the
+    group's flush into acc after the group's last position."""
+    R: tl.constexpr = 4 * BITS
+    PG: tl.constexpr = GROUP // R if (GROUP > 0 and GROUP < 128) else 32 // BITS  # positions per group
+    HI: tl.constexpr = BITS == 4 and J >= 4
+    tacc, xs, xh = _gemv_chunk(tacc, xs, xh, f, x_base, k0 + J * R, offs_r, K, EVEN_K, J % PG == 0, HI)
+    if J % PG == PG - 1:
+        FIRST_HI: tl.constexpr = BITS == 4 and (J - PG + 1) >= 4
+        acc = _gemv_flush(acc, tacc, xs, xh, _sel4(J // PG, s0, s1, s2, s3), _sel4(J // PG, b0, b1, b2, b3), BITS,
+                          HI and not FIRST_HI, FIRST_HI)
+    return acc, tacc, xs, xh
+
+
+def _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, k0, offs_r, K,
                    BITS: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr):
     """One K tile of the integer GEMV: per group, sum x * f in float32, then scale
     and bias applied once per (row, column) of the accumulator."""
     R: tl.constexpr = 4 * BITS
-    NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
-    z1 = tl.zeros((R, 1), dtype=tl.float32)  # placeholder for xs where a chunk starts a group
-    f0 = None
-    f1 = None
-    f2 = None
-    f3 = None
-    f4 = None
-    f5 = None
-    f6 = None
-    f7 = None
-    if ASM:
-        if BITS == 4:
+    xs = tl.zeros((R, 1), dtype=tl.float32)  # placeholders: a group's first position starts them
+    xh = xs
+    tacc = acc
+    if BITS == 4:
+        if ASM:
             f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
                 _F32_CODES4, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         else:
+            f0 = _f32_codes_emulated(word, 0, 4)
+            f1 = _f32_codes_emulated(word, 1, 4)
+            f2 = _f32_codes_emulated(word, 2, 4)
+            f3 = _f32_codes_emulated(word, 3, 4)
+            f4 = _f32_codes_emulated(word, 4, 4)
+            f5 = _f32_codes_emulated(word, 5, 4)
+            f6 = _f32_codes_emulated(word, 6, 4)
+            f7 = _f32_codes_emulated(word, 7, 4)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f0, x_base, k0, offs_r, K, 0, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f1, x_base, k0, offs_r, K, 1, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f2, x_base, k0, offs_r, K, 2, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f3, x_base, k0, offs_r, K, 3, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f4, x_base, k0, offs_r, K, 4, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f5, x_base, k0, offs_r, K, 5, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f6, x_base, k0, offs_r, K, 6, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f7, x_base, k0, offs_r, K, 7, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+    else:
+        if ASM:
             f0, f1, f2, f3 = tl.inline_asm_elementwise(
                 _F32_CODES8, "=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-    tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0, offs_r, K, 0, BITS, EVEN_K, True, f0)
-    if BITS == 4:
-        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + R, offs_r, K, 1, BITS, EVEN_K, False, f1)
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
-            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, True, f2)
         else:
-            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, False, f2)
-        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 3 * R, offs_r, K, 3, BITS, EVEN_K, False, f3)
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
-        elif NG == 2:
-            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
-        if NG >= 2:
-            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 4 * R, offs_r, K, 4, BITS, EVEN_K, True, f4)
-        else:
-            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 4 * R, offs_r, K, 4, BITS, EVEN_K, False, f4)
-        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 5 * R, offs_r, K, 5, BITS, EVEN_K, False, f5)
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s2, b2, BITS)
-            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 6 * R, offs_r, K, 6, BITS, EVEN_K, True, f6)
-        else:
-            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 6 * R, offs_r, K, 6, BITS, EVEN_K, False, f6)
-        tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 7 * R, offs_r, K, 7, BITS, EVEN_K, False, f7)
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s3, b3, BITS)
-        elif NG == 2:
-            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
-        else:
-            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
-    else:
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
-            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + R, offs_r, K, 1, BITS, EVEN_K, True, f1)
-        else:
-            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + R, offs_r, K, 1, BITS, EVEN_K, False, f1)
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
-        elif NG == 2:
-            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
-        if NG >= 2:
-            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, True, f2)
-        else:
-            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 2 * R, offs_r, K, 2, BITS, EVEN_K, False, f2)
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s2, b2, BITS)
-            tacc, xs = _gemv_chunk(acc, z1, word, x_base, m_ok, k0 + 3 * R, offs_r, K, 3, BITS, EVEN_K, True, f3)
-        else:
-            tacc, xs = _gemv_chunk(tacc, xs, word, x_base, m_ok, k0 + 3 * R, offs_r, K, 3, BITS, EVEN_K, False, f3)
-        if NG == 4:
-            acc = _gemv_flush(acc, tacc, xs, s3, b3, BITS)
-        elif NG == 2:
-            acc = _gemv_flush(acc, tacc, xs, s1, b1, BITS)
-        else:
-            acc = _gemv_flush(acc, tacc, xs, s0, b0, BITS)
+            f0 = _f32_codes_emulated(word, 0, 8)
+            f1 = _f32_codes_emulated(word, 1, 8)
+            f2 = _f32_codes_emulated(word, 2, 8)
+            f3 = _f32_codes_emulated(word, 3, 8)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f0, x_base, k0, offs_r, K, 0, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f1, x_base, k0, offs_r, K, 1, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f2, x_base, k0, offs_r, K, 2, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f3, x_base, k0, offs_r, K, 3, s0, b0, s1, b1, s2, b2, s3, b3,
+                                  BITS, GROUP, EVEN_K)
     return acc
 
 
@@ -516,6 +537,7 @@ def _wo_kernel(
     EVEN_K: tl.constexpr,  # K % 128 == 0: no mask along K on x
     CAT: tl.constexpr = False,  # stack a tile's chunks into one [128, BLOCK_N] operand: one dot per tile
     INT_F32: tl.constexpr = False,  # GEMV of int codes in float32 with the scales applied per group
+    PREFETCH: tl.constexpr = 1,  # K tiles of words loaded ahead (in registers)
 ):
     R: tl.constexpr = 4 * BITS  # word rows per 128-element K tile (128 * BITS / 32)
     pid = tl.program_id(0)
@@ -559,14 +581,21 @@ def _wo_kernel(
     # the next tile's words are loaded one iteration ahead (in registers), so that
     # their memory latency overlaps this tile's dequantization and MMA
     # (the last iteration reloads its own tile, an L2 hit, rather than mask the load)
+    # (PREFETCH = 2: two tiles ahead, for more bytes in flight per thread)
     word_next = tl.load(w_base + tl.minimum(t_begin, NT - 1) * (R * NPAD))
+    if PREFETCH == 2:
+        word_next2 = tl.load(w_base + tl.minimum(t_begin + 1, t_end - 1) * (R * NPAD))
     for t in range(t_begin, t_end):
         word = word_next  # [R, BLOCK_N]; the packing keeps codes < 2^31 elements
-        word_next = tl.load(w_base + tl.minimum(t + 1, t_end - 1) * (R * NPAD))
+        if PREFETCH == 2:
+            word_next = word_next2
+            word_next2 = tl.load(w_base + tl.minimum(t + 2, t_end - 1) * (R * NPAD))
+        else:
+            word_next = tl.load(w_base + tl.minimum(t + 1, t_end - 1) * (R * NPAD))
         s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM)
         k0 = t * 128
         if MODE == 2 and FAMILY == 0 and INT_F32:
-            acc = _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, offs_r, K,
+            acc = _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, k0, offs_r, K,
                                  BITS, GROUP, EVEN_K, ASM)
         elif BITS == 4:
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY, GROUP,
@@ -664,21 +693,37 @@ def _dequant_kernel(
 
 
 def _f32_codes_asm(bits: int) -> str:
-    """PTX: one word -> its codes as float32 1 + q / 2^bits (the code moved into the
-    mantissa of 1.0): one shift and one LOP3 per code, the magic number in a register."""
-    per_word, mant = 32 // bits, 23 - bits
-    mask = ((1 << bits) - 1) << mant
+    """PTX: one word -> its codes as float32 f = C + q (the flush undoes C).
+
+    4-bit, two codes per LOP3: r = lop3(word >> 4p, 0x000F000F, 0x43004300) holds the
+    bf16 pair 128 + q_p (low half), 128 + q_(p+4) (high half). r << 16 is the float32
+    128 + q_p; r itself, read as one float32, is 128 + 67/256 + q_(p+4) + q_p / 65536
+    (the low half's bits sit below the high half's mantissa). So C = 128 for positions
+    0..3, 128 + 67/256 for 4..7, and position p + 4 carries 1/65536 of position p's
+    code: at most 0.00023 of a quantization step, below a bf16 rounding of the weight
+    (``packing.kernel_weight(rounded=False)`` includes it). Three shifts, four LOP3 and
+    four shifts for eight codes. 8-bit: the code moved into the mantissa of 1.0 (one
+    shift, one LOP3 each): f = 1 + q / 256, C = 1 after scaling by 256."""
+    if bits == 4:
+        lines = ["{", ".reg .b32 t, r;"]
+        for p in range(4):
+            src = "$8"
+            if p:
+                lines.append(f"shr.u32 t, $8, {4 * p};")
+                src = "t"
+            lines.append(f"lop3.b32 r, {src}, 0x000F000F, 0x43004300, 0xEA;")
+            lines.append(f"shl.b32 ${p}, r, 16;")
+            lines.append(f"mov.b32 ${p + 4}, r;")
+        lines.append("}")
+        return "\n".join(lines)
     lines = ["{", ".reg .b32 t, mg;", "mov.b32 mg, 0x3F800000;"]
-    for j in range(per_word):
-        sh = mant - j * bits
-        src = f"${per_word}"
+    for j in range(4):
+        sh = 15 - 8 * j
         if sh > 0:
-            lines.append(f"shl.b32 t, {src}, {sh};")
-        elif sh < 0:
-            lines.append(f"shr.u32 t, {src}, {-sh};")
+            lines.append(f"shl.b32 t, $4, {sh};")
         else:
-            lines.append(f"mov.b32 t, {src};")
-        lines.append(f"lop3.b32 ${j}, t, {mask:#010x}, mg, 0xEA;")
+            lines.append(f"shr.u32 t, $4, {-sh};")
+        lines.append(f"lop3.b32 ${j}, t, 0x007F8000, mg, 0xEA;")
     lines.append("}")
     return "\n".join(lines)
 
@@ -729,7 +774,8 @@ def interpret_mode() -> bool:
 
 _HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
                                     _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile,
-                                    _gemv_chunk, _gemv_flush, _gemv_int_tile)}
+                                    _gemv_chunk, _gemv_flush, _gemv_int_tile, _sel4, _gemv_pos,
+                                    _f32_codes_emulated)}
 
 
 def _kernels():
@@ -829,8 +875,10 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         EVEN_K=k % 128 == 0,
         CAT=cfg.stack and cfg.mode != "gemv",
         INT_F32=cfg.mode == "gemv" and cfg.int_f32,
+        PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.max_regs} if cfg.max_regs and not interp else {}),
     )
     reduce_split(ws, split, bias, y, rne)
     return handle

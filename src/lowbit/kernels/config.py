@@ -27,6 +27,8 @@ class WeightOnlyConfig:
     group_m: int = 8
     stack: bool = True  # one dot per 128-element K tile (False: one per chunk of R)
     int_f32: bool = False  # gemv, int codes: float32 products, scale and bias once per group
+    prefetch: int = 1  # K tiles of weight words loaded ahead into registers (1 or 2)
+    max_regs: int | None = None  # cap on registers per thread (ptxas .maxnreg): more programs per SM
 
     def check(self, pw: PackedWeight) -> "WeightOnlyConfig":
         if self.mode not in ("gemm", "swap", "gemv"):
@@ -44,6 +46,10 @@ class WeightOnlyConfig:
             raise ValueError(f"block_n={self.block_n}: at most 256 (the packed N padding)")
         if self.split_k < 1 or self.group_m < 1 or self.num_stages < 1:
             raise ValueError(f"split_k, group_m and num_stages must be >= 1, got {self}")
+        if self.prefetch not in (1, 2):
+            raise ValueError(f"prefetch={self.prefetch}: must be 1 or 2 (K tiles loaded ahead)")
+        if self.max_regs is not None and not (32 <= self.max_regs <= 255 and self.max_regs % 8 == 0):
+            raise ValueError(f"max_regs={self.max_regs}: must be None or a multiple of 8 in [32, 255]")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps}: must be 1, 2, 4, 8 or 16")
         return self

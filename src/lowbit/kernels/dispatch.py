@@ -15,7 +15,8 @@ The decision, in order:
    M          kernel
    =========  ==========================================================
    1          ``triton`` GEMV (no MMA; each thread sums its column's
-              products), BLOCK_N 32, 2 warps, split-K 4
+              products; integer codes in float32), BLOCK_N 64, 2 warps,
+              split-K 4
    2 - 64     ``triton`` swapped MMA (y^T = W x^T, the weight is the wide
               side), BLOCK_N 128, 8 warps, split-K to fill the SMs
    65 - 383   ``triton`` tiled GEMM 128 x 256, 8 warps
@@ -33,6 +34,7 @@ CUDA graph.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -88,15 +90,14 @@ def default_config(m: int, n: int, k: int, pw: PackedWeight, num_sms: int = 132)
     """The shipped Triton config for an [m, k] x [n, k]^T product (table above)."""
     if pw.layout is None:
         raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported})")
-    return _default_config(m, n, pw.layout.n_tiles, num_sms)
+    return _default_config(m, n, pw.layout.n_tiles, num_sms, pw.layout.family == "int")
 
 
 @functools.lru_cache(maxsize=4096)
-def _default_config(m: int, n: int, n_tiles: int, num_sms: int) -> WeightOnlyConfig:
-    if m == 1:
-        block_n = 32
+def _default_config(m: int, n: int, n_tiles: int, num_sms: int, int_codes: bool = False) -> WeightOnlyConfig:
+    if m == 1:  # integer codes: the float32 GEMV (the fastest on the H200 at every measured shape)
         split = max(1, min(4, n_tiles // 2))
-        return WeightOnlyConfig(1, block_n, split, 2, 3, "gemv")
+        return WeightOnlyConfig(1, 64, split, 2, 3, "gemv", int_f32=int_codes)
     if m <= 64:
         block_m, block_n = _pow2_at_least(m, 16), 128
         tiles = -(-n // block_n)
@@ -246,16 +247,21 @@ def plan(m: int, n: int, k: int, pw: PackedWeight, device: torch.device, dtype: 
 # ---------------------------------------------------------------- tuning
 
 
-def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32, num_sms: int = 132) -> list:
+def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32, num_sms: int = 132,
+                      bits: int = 4) -> list:
     """The launch configs ``tune`` times for M (a short list around the defaults);
     "dequant" stands for dequantize + cuBLAS."""
     out: list = []
     if m == 1:
-        for bn, warps in ((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)):
-            for split in (2, 4, 8):
-                out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv"))
-                if fmt_family == "int":
-                    out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=True))
+        f32 = fmt_family == "int"  # integer codes: the float32 GEMV (the 16-bit one as a fallback below)
+        for (bn, warps), pf, split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (1, 2),
+                                                        (2, 4, 6, 8)):
+            out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf))
+            if f32 and warps == 4:  # capped registers: more programs per SM (no spill at these caps)
+                out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=True, prefetch=pf,
+                                            max_regs=72 if bits == 4 else 96))
+        if f32:
+            out += [WeightOnlyConfig(1, 64, s, 4, 3, "gemv") for s in (4, 8)]
         out += [WeightOnlyConfig(16, 128, s, 8, 3, "swap") for s in (2, 4)]
     elif m <= 64:
         bm = _pow2_at_least(m, 16)
@@ -340,7 +346,8 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
                 y_ref = weight_only_matmul(x, pw, backend="reference").float()
                 ref_max = float(y_ref.abs().max()) or 1.0
                 timed = []
-                for cand in candidate_configs(m, pw.layout.family, n, pw.layout.n_tiles, num_sms(device)):
+                for cand in candidate_configs(m, pw.layout.family, n, pw.layout.n_tiles, num_sms(device),
+                                              pw.layout.bits):
                     kernel, cfg = ("dequant", None) if cand == "dequant" else ("triton", cand)
                     try:
                         fn = (lambda: weight_only_matmul(x, pw, backend=kernel, config=cfg))

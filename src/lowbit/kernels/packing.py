@@ -270,7 +270,9 @@ def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
     rounding (a fused multiply-add in that dtype); 8-bit ints: round(fma(q,
     scale, bias)) in float32 then to pw.dtype; MXFP4: the exact value.
     rounded=False (ints): q * scale + bias unrounded, in float64: what the
-    float32 GEMV (``WeightOnlyConfig(int_f32=True)``) multiplies with.
+    float32 GEMV (``WeightOnlyConfig(int_f32=True)``) multiplies with; for 4-bit
+    codes that includes the GEMV's carry: positions 4..7 of a word (k % 128 >= 64)
+    add scale * q(k - 64) / 65536 (see ``_weight_only_triton._f32_codes_asm``).
     """
     lay = pw.layout
     if lay is None:
@@ -291,6 +293,11 @@ def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
     b = pw.biases[:, :n].t()[:, g].double()
     w = q * s + b  # exact in float64
     if not rounded:
+        if lay.bits == 4:
+            hi = (cols % 128) >= 64
+            carry = torch.zeros_like(q)
+            carry[:, hi] = q[:, cols[hi] - 64] / 65536
+            w = w + carry * s
         return w
     if lay.bits == 8:
         w = w.float()  # one rounding (fma in float32), then to the dtype
