@@ -419,8 +419,8 @@ def test_tune_candidates_are_valid_and_tune_needs_cuda():
                 c.check(pw)
         assert ("dequant" in cands) == (m >= 128)
     assert any(c.int_f32 for c in dispatch.candidate_configs(1, "int"))
-    m1 = [c for c in dispatch.candidate_configs(1, "int", bits=8) if c != "dequant"]
-    assert {c.prefetch for c in m1} == {1, 2} and {c.max_regs for c in m1} == {None, 96}
+    m1 = [c for c in dispatch.candidate_configs(1, "int", bits=4) if c != "dequant"]
+    assert {c.prefetch for c in m1} == {1, 2} and {c.max_regs for c in m1} == {None, 72}
     assert dispatch.default_config(1, 256, 512, pw).int_f32  # integer codes: the float32 GEMV by default
     with pytest.raises(ValueError, match="prefetch=3"):
         WeightOnlyConfig(1, 32, prefetch=3, mode="gemv").check(pw)

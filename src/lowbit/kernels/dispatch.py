@@ -257,9 +257,8 @@ def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32,
         for (bn, warps), pf, split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (1, 2),
                                                         (2, 4, 6, 8)):
             out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf))
-            if f32 and warps == 4:  # capped registers: more programs per SM (no spill at these caps)
-                out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=True, prefetch=pf,
-                                            max_regs=72 if bits == 4 else 96))
+            if f32 and bits == 4 and warps == 4:  # 72 registers: 7 programs per SM, no spill
+                out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=True, prefetch=pf, max_regs=72))
         if f32:
             out += [WeightOnlyConfig(1, 64, s, 4, 3, "gemv") for s in (4, 8)]
         out += [WeightOnlyConfig(16, 128, s, 8, 3, "swap") for s in (2, 4)]
