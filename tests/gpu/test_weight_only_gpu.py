@@ -21,7 +21,7 @@ from lowbit import quantize_tensor
 from lowbit.kernels import WeightOnlyConfig, dispatch, pack_weight, weight_only_matmul, weight_only_matmul_reference
 from lowbit.kernels._weight_only_triton import dequantize_t
 from lowbit.kernels.ops import weight_only_linear
-from lowbit.kernels.packing import kernel_weight
+from lowbit.kernels.packing import kernel_weight, with_kmajor
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_kernels")]
 
@@ -221,3 +221,19 @@ def test_custom_op_under_torch_compile(m):
     assert torch.equal(weight_only_linear(x, pw, bias), eager)
     compiled = torch.compile(lambda t: weight_only_linear(t, pw, bias) * 2, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), eager * 2)
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "int4-channel"])
+@pytest.mark.parametrize("n,k,m,dtype", [(4096, 4096, 16, torch.bfloat16), (1000, 1000, 5, torch.float16),
+                                         (8192, 28672, 64, torch.bfloat16), (28672, 4096, 130, torch.bfloat16),
+                                         (999, 1000, 256, torch.float16)])
+def test_kmajor(name, n, k, m, dtype):
+    """The K-major kernel (opt-in, packing.with_kmajor) through the dispatcher's rule."""
+    pw, kw = packed(name, n, k, dtype)
+    kpw = with_kmajor(pw)
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype)
+    p = dispatch.plan(m, n, k, kpw, x.device, dtype)
+    assert p.config.mode == "kmajor", p
+    check(weight_only_matmul(x, kpw, b), x, kpw, kw, b, f"kmajor {name} W[{n}, {k}] M={m} {dtype} {p.config}")

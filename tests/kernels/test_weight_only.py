@@ -39,7 +39,7 @@ from lowbit.kernels import (  # noqa: E402
 from lowbit.kernels import dispatch  # noqa: E402
 from lowbit.kernels._weight_only_triton import dequantize_t  # noqa: E402
 from lowbit.kernels.ops import weight_only_linear  # noqa: E402
-from lowbit.kernels.packing import kernel_weight, unpack_codes_from_layout  # noqa: E402
+from lowbit.kernels.packing import kernel_weight, unpack_codes_from_layout, with_kmajor  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -447,3 +447,52 @@ def test_tune_confirms_the_fastest_by_interleaved_medians():
     assert confirm_fastest(timed, time_again) == (9.0, "a")
     assert calls == ["b", "d", "a", "b", "d", "a"]  # interleaved rounds over the three fastest
     assert confirm_fastest([(3.0, "x")], lambda e: 4.0, rounds=2) == (4.0, "x")
+
+
+# ---- the K-major kernel (opt-in: packing.with_kmajor)
+
+KMAJOR_CASES = [  # (m, k, config)
+    (3, 360, WeightOnlyConfig(16, 64, 1, 4, 3, "kmajor")),
+    (17, 256, WeightOnlyConfig(32, 64, 2, 4, 3, "kmajor")),
+    (40, 300, WeightOnlyConfig(64, 128, 3, 8, 2, "kmajor")),
+]
+
+
+@pytest.mark.parametrize("fmt,opts", [("int4", dict(group_size=128)), ("int4", dict(granularity="channel")),
+                                      ("int4", dict(group_size=256, symmetric=False))],
+                         ids=["g128", "channel", "g256-affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(KMAJOR_CASES)))
+def test_kmajor_kernel(fmt, opts, dtype, case):
+    m, k, cfg = KMAJOR_CASES[case]
+    w, x, b = _data(m, 67, k, dtype, True, seed=31 + case)
+    pw = with_kmajor(pack_weight(quantize_tensor(w, fmt, **opts), dtype=dtype))
+    y = weight_only_matmul(x, pw, b, backend="triton", config=cfg)
+    check_close(y, x, pw, b, f"kmajor {fmt} {opts} M={m} K={k} {dtype} {cfg}", cfg)
+
+
+def test_kmajor_bytes_and_plan():
+    qt = quantize_tensor(torch.randn(67, 300), "int4", group_size=128)
+    pw = pack_weight(qt)
+    kpw = with_kmajor(pw)
+    lay = kpw.layout
+    assert kpw.kbytes.shape == (lay.npad, lay.kpad // 2) and kpw.kbytes.dtype == torch.uint8
+    stored = unpack_codes_from_layout(pw).long()
+    if qt.options.get("symmetric", True):
+        stored = stored ^ 8  # symmetric codes are stored biased by 8
+    kb = kpw.kbytes[: pw.n].long()
+    codes = torch.stack([kb & 15, kb >> 4], dim=-1).reshape(pw.n, -1)[:, : pw.k]  # byte i: elements 2i, 2i + 1
+    assert torch.equal(codes, stored)
+    assert kpw.nbytes == pw.nbytes + kpw.kbytes.numel()
+    cpu = torch.device("cpu")
+    assert dispatch.plan(16, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode == "kmajor"
+    assert dispatch.plan(200, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode == "kmajor"
+    assert dispatch.plan(1, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode == "gemv"
+    assert dispatch.plan(16, pw.n, pw.k, pw, cpu, torch.bfloat16).config.mode != "kmajor"  # no K-major codes
+    with pytest.raises(ValueError, match="no K-major codes"):
+        weight_only_matmul(torch.randn(2, 300).bfloat16(), pw, backend="triton",
+                           config=WeightOnlyConfig(16, 64, mode="kmajor"))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        with_kmajor(pack_weight(quantize_tensor(torch.randn(8, 64), "int4", group_size=32)))
+    with pytest.raises(ValueError, match="4-bit integer"):
+        with_kmajor(pack_weight(quantize_tensor(torch.randn(8, 64), "mxfp4")))

@@ -31,8 +31,15 @@ class WeightOnlyConfig:
     max_regs: int | None = None  # cap on registers per thread (ptxas .maxnreg): more programs per SM
 
     def check(self, pw: PackedWeight) -> "WeightOnlyConfig":
-        if self.mode not in ("gemm", "swap", "gemv"):
-            raise ValueError(f"mode={self.mode!r}: must be 'gemm', 'swap' or 'gemv'")
+        if self.mode not in ("gemm", "swap", "gemv", "kmajor"):
+            raise ValueError(f"mode={self.mode!r}: must be 'gemm', 'swap', 'gemv' or 'kmajor'")
+        if self.mode == "kmajor":
+            from .packing import kmajor_supported
+
+            why = kmajor_supported(pw) or (None if pw.kbytes is not None else
+                                          "the weight has no K-major codes (packing.with_kmajor)")
+            if why:
+                raise ValueError(f"mode 'kmajor': {why}")
         low = 1 if self.mode == "gemv" else 16
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
@@ -40,7 +47,7 @@ class WeightOnlyConfig:
                 raise ValueError(f"{name}={v}: must be a power of two >= {low} for mode {self.mode!r}")
         if self.mode == "gemv" and self.block_m != 1:
             raise ValueError(f"block_m={self.block_m}: mode 'gemv' takes one token per program (block_m=1)")
-        if self.mode == "swap" and self.block_n < 64:
+        if self.mode in ("swap", "kmajor") and self.block_n < 64:
             raise ValueError(f"block_n={self.block_n}: mode 'swap' needs block_n >= 64 (the MMA's 64 rows)")
         if self.block_n > 256:
             raise ValueError(f"block_n={self.block_n}: at most 256 (the packed N padding)")

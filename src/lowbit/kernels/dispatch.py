@@ -4,11 +4,14 @@ The decision, in order:
 
 1. CPU (no interpreter), float32/float64 input, or a weight the Triton kernels
    do not take -> ``reference`` (dequantize + ``F.linear``).
-2. A tuned entry for this GPU and (format, dtype, N, K, M bucket) -> its
+2. A weight that carries K-major codes (``packing.with_kmajor``: 4-bit ints,
+   groups of a multiple of 128 or one scale per row) and 2 <= M <= 256 ->
+   the K-major kernel (``kmajor_config``; not covered by tuning yet).
+3. A tuned entry for this GPU and (format, dtype, N, K, M bucket) -> its
    kernel and config: first the user's cache (``cache_path``, written by
    ``tune`` / ``lowbit tune``), then the table shipped in kernels/tuned/ for
    the GPU model (the H200's covers the benchmark registry's shapes).
-3. Otherwise the default rule, measured on the H200 (sm_90; the H100 is the
+4. Otherwise the default rule, measured on the H200 (sm_90; the H100 is the
    same chip family, run with this rule untuned) in docs/perf/experiments/:
 
    =========  ==========================================================
@@ -109,6 +112,25 @@ def _default_config(m: int, n: int, n_tiles: int, num_sms: int, int_codes: bool 
     if tiles < num_sms:  # a few row blocks of a short N: split K to fill the SMs
         split = max(1, min(4, n_tiles // 2, -(-num_sms // tiles)))
     return WeightOnlyConfig(block_m, block_n, split, 8, 3, "gemm", stack=False)
+
+
+KMAJOR_MAX_M = 256  # K-major codes (``packing.with_kmajor``): its kernel from M = 2 to this
+
+
+def kmajor_config(m: int, n: int, n_tiles: int, num_sms: int = 132) -> WeightOnlyConfig:
+    """The K-major kernel's config for a weight that carries K-major codes, 2 <= M <=
+    KMAJOR_MAX_M (measured on the H200, docs/perf/experiments/kmajor-h200.md): 128-row
+    tiles with 8 warps when they fill the SMs, else 64-row tiles with split-K."""
+    if m > 64:
+        tiles = -(-n // 128) * -(-m // 128)
+        split = max(1, min(2, n_tiles // 2, -(-num_sms // tiles)))
+        return WeightOnlyConfig(128, 128, split, 8, 3, "kmajor")
+    bm = _pow2_at_least(m, 16)
+    if -(-n // 128) >= num_sms:
+        return WeightOnlyConfig(bm, 128, 1, 8, 3, "kmajor")
+    tiles = -(-n // 64)
+    split = max(1, min(4, n_tiles // 2, -(-(3 * num_sms) // tiles)))
+    return WeightOnlyConfig(bm, 64, split, 4, 3, "kmajor")
 
 
 # ---------------------------------------------------------------- tuning cache
@@ -226,6 +248,9 @@ def plan(m: int, n: int, k: int, pw: PackedWeight, device: torch.device, dtype: 
     """
     if triton_ok is not None:
         p = Plan("reference", None, "rule", triton_ok)
+    elif pw.kbytes is not None and 2 <= m <= KMAJOR_MAX_M:
+        cfg = kmajor_config(m, n, pw.layout.n_tiles, num_sms(device))
+        p = Plan("triton", cfg, "kmajor", f"M={m}: the weight carries K-major codes")
     else:
         key = cache_key(pw, n, k, m, dtype)
         p = load_cache(device).get(key) or shipped_cache(device).get(key)

@@ -92,6 +92,7 @@ class PackedWeight:
     biases: torch.Tensor | None = None
     layout: Layout | None = None
     unsupported: str | None = None
+    kbytes: torch.Tensor | None = None  # K-major 4-bit codes [npad, kpad / 2] (``with_kmajor``)
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +105,8 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed (kernel) tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.biases) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.biases, self.kbytes)
+                   if t is not None)
 
     def to(self, device) -> "PackedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -114,6 +116,7 @@ class PackedWeight:
             codes=move(self.codes),
             scales=move(self.scales),
             biases=move(self.biases),
+            kbytes=move(self.kbytes),
         )
 
     def __repr__(self) -> str:
@@ -244,6 +247,35 @@ def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -
     else:
         scales, biases = _int_scales(qt, lay, dtype)
     return PackedWeight(qt.fmt, n, k, qt, dtype, codes, scales, biases, lay)
+
+
+def kmajor_supported(pw: PackedWeight) -> str | None:
+    """Why the K-major kernel cannot take pw (None if it can): 4-bit ints with one
+    scale per row or groups of a multiple of 128."""
+    lay = pw.layout
+    if lay is None:
+        return f"{pw.fmt}: no Triton layout ({pw.unsupported})"
+    if lay.family != "int" or lay.bits != 4:
+        return f"{pw.fmt}: the K-major kernel takes 4-bit integer codes"
+    if lay.group not in (0,) and lay.group % TILE_K:
+        return f"group {lay.group}: the K-major kernel takes one scale per row or groups of a multiple of 128"
+    return None
+
+
+def with_kmajor(pw: PackedWeight) -> PackedWeight:
+    """pw plus ``kbytes``: its stored 4-bit codes K-major, byte i of row n holding
+    elements 2i (low nibble) and 2i + 1 (high nibble), [npad, kpad / 2] uint8 (zero
+    codes in the padding), made from the word layout on pw's device."""
+    why = kmajor_supported(pw)
+    if why:
+        raise ValueError(why)
+    lay = pw.layout
+    w = pw.codes.t().to(torch.int64) & 0xFFFFFFFF  # [npad, t*r]
+    w = w.reshape(lay.npad, lay.n_tiles, 1, lay.rows_per_tile)
+    shifts = (torch.arange(8, device=w.device) * 4).reshape(1, 1, 8, 1)
+    p = ((w >> shifts) & 15).reshape(lay.npad, lay.kpad)  # stored patterns, element order
+    kb = (p[:, 0::2] | (p[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return replace(pw, kbytes=kb)
 
 
 def unpack_codes_from_layout(pw: PackedWeight) -> torch.Tensor:

@@ -166,5 +166,10 @@ def _triton_matmul(x2, pw, bias, config):
         cfg = dispatch.default_config(m, pw.n, pw.k, pw, dispatch.num_sms(x2.device))
     else:
         cfg = config.check(pw)
+    if cfg.mode == "kmajor":
+        from . import _kmajor_triton
+
+        _kmajor_triton.launch(x2, pw, bias, y, cfg)
+        return y
     _weight_only_triton.launch(x2, pw, bias, y, cfg)
     return y
