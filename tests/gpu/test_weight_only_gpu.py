@@ -228,12 +228,15 @@ def test_custom_op_under_torch_compile(m):
                                          (8192, 28672, 64, torch.bfloat16), (28672, 4096, 130, torch.bfloat16),
                                          (999, 1000, 256, torch.float16)])
 def test_kmajor(name, n, k, m, dtype):
-    """The K-major kernel (opt-in, packing.with_kmajor) through the dispatcher's rule."""
+    """The K-major kernel (opt-in, packing.with_kmajor) with the dispatcher's config
+    (its rule's config also past KMAJOR_MAX_M, where the rule no longer picks it)."""
     pw, kw = packed(name, n, k, dtype)
     kpw = with_kmajor(pw)
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     b = torch.randn(n, device="cuda", generator=g).to(dtype)
-    p = dispatch.plan(m, n, k, kpw, x.device, dtype)
-    assert p.config.mode == "kmajor", p
-    check(weight_only_matmul(x, kpw, b), x, kpw, kw, b, f"kmajor {name} W[{n}, {k}] M={m} {dtype} {p.config}")
+    cfg = dispatch.kmajor_config(m, n, kpw.layout.n_tiles, dispatch.num_sms(x.device))
+    if m <= dispatch.KMAJOR_MAX_M:
+        assert dispatch.plan(m, n, k, kpw, x.device, dtype).config == cfg
+    y = weight_only_matmul(x, kpw, b, backend="triton", config=cfg)
+    check(y, x, kpw, kw, b, f"kmajor {name} W[{n}, {k}] M={m} {dtype} {cfg}")

@@ -486,7 +486,8 @@ def test_kmajor_bytes_and_plan():
     assert kpw.nbytes == pw.nbytes + kpw.kbytes.numel()
     cpu = torch.device("cpu")
     assert dispatch.plan(16, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode == "kmajor"
-    assert dispatch.plan(200, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode == "kmajor"
+    assert dispatch.plan(128, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode == "kmajor"
+    assert dispatch.plan(200, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode != "kmajor"  # not measured there
     assert dispatch.plan(1, pw.n, pw.k, kpw, cpu, torch.bfloat16).config.mode == "gemv"
     assert dispatch.plan(16, pw.n, pw.k, pw, cpu, torch.bfloat16).config.mode != "kmajor"  # no K-major codes
     with pytest.raises(ValueError, match="no K-major codes"):

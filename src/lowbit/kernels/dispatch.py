@@ -5,7 +5,7 @@ The decision, in order:
 1. CPU (no interpreter), float32/float64 input, or a weight the Triton kernels
    do not take -> ``reference`` (dequantize + ``F.linear``).
 2. A weight that carries K-major codes (``packing.with_kmajor``: 4-bit ints,
-   groups of a multiple of 128 or one scale per row) and 2 <= M <= 256 ->
+   groups of a multiple of 128 or one scale per row) and 2 <= M <= 128 ->
    the K-major kernel (``kmajor_config``; not covered by tuning yet).
 3. A tuned entry for this GPU and (format, dtype, N, K, M bucket) -> its
    kernel and config: first the user's cache (``cache_path``, written by
@@ -114,7 +114,7 @@ def _default_config(m: int, n: int, n_tiles: int, num_sms: int, int_codes: bool 
     return WeightOnlyConfig(block_m, block_n, split, 8, 3, "gemm", stack=False)
 
 
-KMAJOR_MAX_M = 256  # K-major codes (``packing.with_kmajor``): its kernel from M = 2 to this
+KMAJOR_MAX_M = 128  # K-major codes (``packing.with_kmajor``): its kernel from M = 2 to this (as measured)
 
 
 def kmajor_config(m: int, n: int, n_tiles: int, num_sms: int = 132) -> WeightOnlyConfig:
