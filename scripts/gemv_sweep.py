@@ -34,12 +34,14 @@ BLOCKS = [(32, 1), (32, 2), (64, 2), (64, 4), (128, 4)]  # (block_n, num_warps)
 SPLITS = [2, 3, 4, 6, 8]
 
 
-def grid(family: str):
+def grid(family: str, splits=SPLITS, f32_only: bool = False, bits: int = 4):
     for (bn, warps), pf, f32 in itertools.product(BLOCKS, (1, 2), (False, True)):
-        if f32 and family != "int":
+        if (f32 and family != "int") or (f32_only and family == "int" and not f32):
             continue
-        for split in SPLITS:
+        for split in splits:
             yield WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf)
+            if f32 and warps == 4 and bits == 4:  # 72 registers: no spill for 4-bit codes
+                yield WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf, max_regs=72)
 
 
 def main() -> int:
@@ -47,7 +49,11 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--baseline", default=None, help="another _weight_only_triton.py to time with the auto config")
+    ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split-K values of the grid")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="formats to sweep")
+    ap.add_argument("--f32-only", action="store_true", help="integer codes: the float32 GEMV only")
     args = ap.parse_args()
+    splits = [int(v) for v in args.splits.split(",")]
     t0 = time.time()
     base = None
     if args.baseline:
@@ -55,7 +61,7 @@ def main() -> int:
         base = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(base)
     results = []
-    for (n, k), name in itertools.product(SHAPES, FORMATS):
+    for (n, k), name in itertools.product(SHAPES, args.formats.split(",")):
         fmt, opts = FORMATS[name]
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(4)]  # > 4x L2
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -73,7 +79,7 @@ def main() -> int:
                 lambda: base.launch(x, pws[next(it)], None, torch.empty(1, n, device="cuda", dtype=x.dtype),
                                     plan.config))}
         rows = []
-        for cfg in grid(pws[0].layout.family):
+        for cfg in grid(pws[0].layout.family, splits, args.f32_only, pws[0].layout.bits):
             if time.time() - t0 > args.budget_s:
                 print("time budget spent", flush=True)
                 break
@@ -92,7 +98,8 @@ def main() -> int:
         case["rows"] = sorted(rows, key=lambda r: r.get("us", 1e9))
         if base is not None:  # the other kernel module with the fastest configs
             for r in case["rows"][:3]:
-                cfg = next(c for c in grid(pws[0].layout.family) if repr(c) == r["config"])
+                cfg = next(c for c in grid(pws[0].layout.family, splits, args.f32_only, pws[0].layout.bits)
+                           if repr(c) == r["config"])
                 r["baseline_us"] = time_cuda_graph(
                     lambda: base.launch(x, pws[next(it)], None, torch.empty(1, n, device="cuda", dtype=x.dtype), cfg),
                     rep_ms=5.0)
