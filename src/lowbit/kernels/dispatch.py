@@ -280,7 +280,7 @@ def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32,
     if m == 1:
         f32 = fmt_family == "int"  # integer codes: the float32 GEMV (the 16-bit one as a fallback below)
         for (bn, warps), pf, split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (1, 2),
-                                                        (2, 4, 6, 8)):
+                                                        (1, 2, 4, 6, 8)):
             out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf))
             if f32 and bits == 4 and warps == 4:  # 72 registers: 7 programs per SM, no spill
                 out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=True, prefetch=pf, max_regs=72))
