@@ -336,51 +336,20 @@ def _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, 
     xs = tl.zeros((R, 1), dtype=tl.float32)  # placeholders: a group's first position starts them
     xh = xs
     tacc = acc
-    if BITS == 4:
-        if ASM:
-            f0, f1, f2, f3, f4, f5, f6, f7 = tl.inline_asm_elementwise(
+    NPOS: tl.constexpr = 32 // BITS  # codes per word
+    if ASM:
+        if BITS == 4:
+            fs = tl.inline_asm_elementwise(
                 _F32_CODES4, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         else:
-            f0 = _f32_codes_emulated(word, 0, 4)
-            f1 = _f32_codes_emulated(word, 1, 4)
-            f2 = _f32_codes_emulated(word, 2, 4)
-            f3 = _f32_codes_emulated(word, 3, 4)
-            f4 = _f32_codes_emulated(word, 4, 4)
-            f5 = _f32_codes_emulated(word, 5, 4)
-            f6 = _f32_codes_emulated(word, 6, 4)
-            f7 = _f32_codes_emulated(word, 7, 4)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f0, x_base, m_ok, k0, offs_r, K, 0,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f1, x_base, m_ok, k0, offs_r, K, 1,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f2, x_base, m_ok, k0, offs_r, K, 2,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f3, x_base, m_ok, k0, offs_r, K, 3,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f4, x_base, m_ok, k0, offs_r, K, 4,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f5, x_base, m_ok, k0, offs_r, K, 5,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f6, x_base, m_ok, k0, offs_r, K, 6,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f7, x_base, m_ok, k0, offs_r, K, 7,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-    else:
-        if ASM:
-            f0, f1, f2, f3 = tl.inline_asm_elementwise(
+            fs = tl.inline_asm_elementwise(
                 _F32_CODES8, "=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    for j in tl.static_range(NPOS):
+        if ASM:
+            f = fs[j]
         else:
-            f0 = _f32_codes_emulated(word, 0, 8)
-            f1 = _f32_codes_emulated(word, 1, 8)
-            f2 = _f32_codes_emulated(word, 2, 8)
-            f3 = _f32_codes_emulated(word, 3, 8)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f0, x_base, m_ok, k0, offs_r, K, 0,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f1, x_base, m_ok, k0, offs_r, K, 1,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f2, x_base, m_ok, k0, offs_r, K, 2,
-                                      s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
-        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f3, x_base, m_ok, k0, offs_r, K, 3,
+            f = _f32_codes_emulated(word, j, BITS)
+        acc, tacc, xs, xh = _gemv_pos(acc, tacc, xs, xh, f, x_base, m_ok, k0, offs_r, K, j,
                                       s0, b0, s1, b1, s2, b2, s3, b3, BITS, GROUP, EVEN_K)
     return acc
 
