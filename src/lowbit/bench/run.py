@@ -20,7 +20,8 @@ Every method's output is checked before it is timed, on every M: rel_err =
 max|y - y_ref| / max|y_ref| against its reference (lowbit: weight_only_matmul_reference,
 itself cross-checked against float64 x @ qt.dequantize()^T; peers: the float64
 reference of their own quantized weight, see peers.py), recorded beside the time
-and flagged above 1e-2. Times are CUDA-graph replays, median (timing.py); weights
+and flagged above 1e-2; the exit status is 1 when a bf16 or lowbit row fails its
+check (a peer's failed check is reported, not counted). Times are CUDA-graph replays, median (timing.py); weights
 are cycled through enough copies to exceed 4x the L2 cache, so replays stream them
 from HBM as a decode step does (--no-rotate turns that off). A method that cannot
 run (a recipe the kernels do not support yet, a missing peer, a shape a peer does
@@ -735,13 +736,14 @@ def run_from_args(args: argparse.Namespace, command: str | None = None) -> int:
         print(f"skipped ({len(result.skipped)}):")
         for (method, reason), where in groups.items():
             print(f"  {method}: {reason} [{where[:200]}]")
+    ours = [f for f in result.failed if not f["method"].startswith("peer:")]
     if result.failed:
-        print(f"FAILED CHECKS ({len(result.failed)}):")
+        print(f"FAILED CHECKS ({len(result.failed)}; {len(result.failed) - len(ours)} of peers, reported only):")
         for f in result.failed:
             print(f"  {f['method']} {f['shape']} M={f['m']}: {f['what']}: {_num(f['error'], '.3g')}")
     print(f"\n{result.meta.get('gpu')}, commit {result.meta.get('commit')}: speed-up over bf16 ('!' = check failed)")
     print(short_table(list(result), result.failed))
-    return 1 if result.failed else 0
+    return 1 if ours else 0  # a peer's numerics are its own: its failed check does not fail the run
 
 
 def main(argv: list[str] | None = None) -> int:
