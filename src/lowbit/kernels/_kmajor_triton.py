@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._weight_only_triton import interpret_mode, reduce_split, split_k_plan
+from ._weight_only_triton import _dot_type, interpret_mode, reduce_split, split_k_plan
 
 # One byte (in the low 8 bits of $2) -> its two codes' values, as the bf16x2 / f16x2
 # pair (low nibble, high nibble): byte * 0x1001 puts the high nibble at bits 16-19,
@@ -140,8 +140,6 @@ def _kernel():
 
 def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg) -> None:
     """y[M, N] = x2[M, K] @ W^T (+ bias) from pw.kbytes (see the module docstring)."""
-    from ._weight_only_triton import _dot_type
-
     kern = _kernel()
     interp = interpret_mode()
     rne = x2.dtype == torch.bfloat16 and interp

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .packing import PackedWeight
+from .packing import PackedWeight, kmajor_supported
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,6 @@ class WeightOnlyConfig:
         if self.mode not in ("gemm", "swap", "gemv", "kmajor"):
             raise ValueError(f"mode={self.mode!r}: must be 'gemm', 'swap', 'gemv' or 'kmajor'")
         if self.mode == "kmajor":
-            from .packing import kmajor_supported
-
             why = kmajor_supported(pw) or (None if pw.kbytes is not None else
                                           "the weight has no K-major codes (packing.with_kmajor)")
             if why:
@@ -48,7 +46,7 @@ class WeightOnlyConfig:
         if self.mode == "gemv" and self.block_m != 1:
             raise ValueError(f"block_m={self.block_m}: mode 'gemv' takes one token per program (block_m=1)")
         if self.mode in ("swap", "kmajor") and self.block_n < 64:
-            raise ValueError(f"block_n={self.block_n}: mode 'swap' needs block_n >= 64 (the MMA's 64 rows)")
+            raise ValueError(f"block_n={self.block_n}: mode {self.mode!r} needs block_n >= 64 (the MMA's 64 rows)")
         if self.block_n > 256:
             raise ValueError(f"block_n={self.block_n}: at most 256 (the packed N padding)")
         if self.split_k < 1 or self.group_m < 1 or self.num_stages < 1:

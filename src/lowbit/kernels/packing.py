@@ -257,7 +257,7 @@ def kmajor_supported(pw: PackedWeight) -> str | None:
         return f"{pw.fmt}: no Triton layout ({pw.unsupported})"
     if lay.family != "int" or lay.bits != 4:
         return f"{pw.fmt}: the K-major kernel takes 4-bit integer codes"
-    if lay.group not in (0,) and lay.group % TILE_K:
+    if lay.group % TILE_K:  # 0 (one scale per row) passes
         return f"group {lay.group}: the K-major kernel takes one scale per row or groups of a multiple of 128"
     return None
 
@@ -269,13 +269,20 @@ def with_kmajor(pw: PackedWeight) -> PackedWeight:
     why = kmajor_supported(pw)
     if why:
         raise ValueError(why)
-    lay = pw.layout
-    w = pw.codes.t().to(torch.int64) & 0xFFFFFFFF  # [npad, t*r]
-    w = w.reshape(lay.npad, lay.n_tiles, 1, lay.rows_per_tile)
-    shifts = (torch.arange(8, device=w.device) * 4).reshape(1, 1, 8, 1)
-    p = ((w >> shifts) & 15).reshape(lay.npad, lay.kpad)  # stored patterns, element order
+    p = _stored_patterns(pw, pw.layout.npad)
     kb = (p[:, 0::2] | (p[:, 1::2] << 4)).to(torch.uint8).contiguous()
     return replace(pw, kbytes=kb)
+
+
+def _stored_patterns(pw: PackedWeight, rows: int) -> torch.Tensor:
+    """The words' codes as stored (biased when symmetric), [rows, kpad] int64 in
+    element order: the inverse of ``_words`` for the first ``rows`` rows."""
+    lay = pw.layout
+    per_word = 32 // lay.bits
+    w = pw.codes[:, :rows].t().to(torch.int64) & 0xFFFFFFFF  # [rows, t*r]
+    w = w.reshape(rows, lay.n_tiles, 1, lay.rows_per_tile)
+    shifts = (torch.arange(per_word, device=w.device) * lay.bits).reshape(1, 1, per_word, 1)
+    return ((w >> shifts) & ((1 << lay.bits) - 1)).reshape(rows, lay.kpad)
 
 
 def unpack_codes_from_layout(pw: PackedWeight) -> torch.Tensor:
@@ -284,11 +291,7 @@ def unpack_codes_from_layout(pw: PackedWeight) -> torch.Tensor:
     lay = pw.layout
     if lay is None:
         raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported})")
-    per_word = 32 // lay.bits
-    w = pw.codes[:, : pw.n].t().to(torch.int64) & 0xFFFFFFFF  # [n, t*r]
-    w = w.reshape(pw.n, lay.n_tiles, 1, lay.rows_per_tile)
-    shifts = (torch.arange(per_word, device=w.device) * lay.bits).reshape(1, 1, per_word, 1)
-    p = ((w >> shifts) & ((1 << lay.bits) - 1)).reshape(pw.n, lay.kpad)[:, : pw.k]
+    p = _stored_patterns(pw, pw.n)[:, : pw.k]
     if lay.family == "int" and pw.qtensor.options.get("symmetric", True):
         p = p ^ (1 << (lay.bits - 1))
     return p.to(torch.uint8)
