@@ -36,6 +36,10 @@ FORMATS = {
     "int8-channel": ("int8", {}),
     "int8-g64-affine": ("int8", dict(group_size=64, symmetric=False, scale_dtype=torch.bfloat16)),
     "mxfp4": ("mxfp4", {}),
+    "fp8-e4m3-channel": ("fp8_e4m3", {}),
+    "fp8-e5m2-b128": ("fp8_e5m2", dict(granularity="block", block_shape=(128, 128))),
+    "mxfp8-e4m3": ("mxfp8_e4m3", {}),
+    "nvfp4": ("nvfp4", {}),
 }
 
 
@@ -94,6 +98,8 @@ def planned(m, pw, kw, dtype, config=None, backend="auto"):
         backend, config = p.kernel, p.config
     if config is not None and config.int_f32 and config.mode == "gemv" and pw.layout.family == "int":
         kw = kernel_weight(pw, rounded=False)
+    if pw.layout.family == "nvfp4" and backend != "dequant":  # exact values, the tensor scale on the sums
+        kw = kernel_weight(pw, rounded=False)
     return backend, config, kw
 
 
@@ -131,7 +137,7 @@ def test_llama70b_down(name, m):
     run(name, 8192, 28672, m)
 
 
-@pytest.mark.parametrize("name", ["int4-g128", "int4-g32-sym", "int8-channel", "mxfp4"])
+@pytest.mark.parametrize("name", ["int4-g128", "int4-g32-sym", "int8-channel", "mxfp4", "nvfp4", "fp8-e4m3-channel"])
 @pytest.mark.parametrize(
     "n,k,m",
     [(577, 859, 727), (4097, 4000, 3), (4097, 4000, 17), (67, 200, 64), (1000, 4096, 0), (11008, 4096, 5),
@@ -159,13 +165,13 @@ def test_odd_shapes(name, n, k, m):
     ids=lambda c: (f"{c.mode}-bm{c.block_m}-bn{c.block_n}-s{c.split_k}-w{c.num_warps}-"
                    f"{'stack' if c.stack else 'chunks'}{'-f32' if c.int_f32 else ''}-pf{c.prefetch}"),
 )
-@pytest.mark.parametrize("name", ["int4-g128", "mxfp4", "int8-channel"])
+@pytest.mark.parametrize("name", ["int4-g128", "mxfp4", "int8-channel", "nvfp4", "mxfp8-e4m3"])
 def test_explicit_configs(name, config):
     m = 1 if config.mode == "gemv" else 48
     run(name, 4096, 4096, m, bias=True, config=config, backend="triton")
 
 
-@pytest.mark.parametrize("name", ["int4-g128", "mxfp4", "int8-channel"])
+@pytest.mark.parametrize("name", ["int4-g128", "mxfp4", "int8-channel", "nvfp4"])
 @pytest.mark.parametrize("m", [1, 16, 128, 1024])
 def test_cuda_graph_capture(name, m):
     """Capture the auto call (split-K workspace, dequantized buffer and all) in a CUDA

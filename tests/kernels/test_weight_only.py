@@ -39,7 +39,8 @@ from lowbit.kernels import (  # noqa: E402
 from lowbit.kernels import dispatch  # noqa: E402
 from lowbit.kernels._weight_only_triton import dequantize_t  # noqa: E402
 from lowbit.kernels.ops import weight_only_linear  # noqa: E402
-from lowbit.kernels.packing import kernel_weight, unpack_codes_from_layout, with_kmajor  # noqa: E402
+from lowbit.formats.elements import decode  # noqa: E402
+from lowbit.kernels.packing import NVFP4_SHIFT, kernel_weight, unpack_codes_from_layout, with_kmajor  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -61,6 +62,12 @@ COMBOS = [
     ("int4", dict(group_size=128, scale_dtype=torch.bfloat16)),
     ("int8", dict(granularity="block", block_shape=(16, 128))),  # one scale per 16 rows
     ("int8", dict(granularity="tensor", symmetric=False, scale_dtype=torch.float16)),
+    ("fp8_e4m3", {}),
+    ("fp8_e5m2", dict(granularity="block", block_shape=(128, 128))),
+    ("fp8_e4m3", dict(granularity="tensor", scale_dtype=torch.bfloat16)),
+    ("mxfp8_e4m3", {}),
+    ("mxfp8_e5m2", {}),
+    ("nvfp4", {}),
 ]
 
 
@@ -69,10 +76,10 @@ def _id(c):
     return fmt + "".join(f"-{k}={getattr(v, '__name__', str(v).replace('torch.', ''))}" for k, v in opts.items())
 
 
-def check_close(y, x, pw, bias, tag, config=None):
+def check_close(y, x, pw, bias, tag, config=None, backend="triton"):
     """y against the exact product with the kernels' weight values (tight) and
     against the reference (loose); see the module docstring. config: the launch
-    config that ran (None: the default for this M)."""
+    config that ran (None: the default for this M); backend: "triton" or "dequant"."""
     y_ref = weight_only_matmul_reference(x, pw, bias)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype, f"{tag}: {y.shape} {y.dtype} vs {y_ref.shape}"
     if y.numel() == 0:
@@ -81,7 +88,9 @@ def check_close(y, x, pw, bias, tag, config=None):
     m = x.numel() // k
     cfg = config or dispatch.default_config(m, pw.n, k, pw, dispatch.num_sms(x.device))
     f32_gemv = cfg.mode == "gemv" and cfg.int_f32 and pw.layout.family == "int"
-    kw = kernel_weight(pw, rounded=not f32_gemv).double()
+    # NVFP4: the matmul kernels' values are exact (the tensor scale is applied to the sums)
+    exact_values = f32_gemv or (pw.layout.family == "nvfp4" and backend != "dequant")
+    kw = kernel_weight(pw, rounded=not exact_values).double()
     x2 = x.reshape(-1, k).double()
     exact = x2 @ kw.t()
     s = x2.abs() @ kw.abs().t()
@@ -121,7 +130,7 @@ def run_case(fmt, opts, m, n, k, dtype, bias, seed, lead=None, config=None, back
     pw = pack_weight(qt, dtype=dtype)
     y = weight_only_matmul(x, pw, b, backend=backend, config=config)
     check_close(y, x, pw, b, f"{fmt} {opts} x{list(x.shape)} W[{n}, {k}] {dtype} bias={bias} {backend} {config}",
-                config)
+                config, backend)
     return pw
 
 
@@ -165,8 +174,8 @@ CONFIGS = [
 
 @pytest.mark.parametrize(
     "fmt,opts",
-    [("int4", dict(group_size=32)), ("int8", dict(group_size=64)), ("mxfp4", {})],
-    ids=["int4-g32", "int8-g64", "mxfp4"],
+    [("int4", dict(group_size=32)), ("int8", dict(group_size=64)), ("mxfp4", {}), ("nvfp4", {}), ("mxfp8_e4m3", {})],
+    ids=["int4-g32", "int8-g64", "mxfp4", "nvfp4", "mxfp8"],
 )
 @pytest.mark.parametrize("config", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
 def test_triton_configs(fmt, opts, config):
@@ -174,8 +183,9 @@ def test_triton_configs(fmt, opts, config):
     run_case(fmt, opts, m=m, n=67, k=360, dtype=torch.bfloat16, bias=True, seed=7, config=config)
 
 
-@pytest.mark.parametrize("fmt,opts", [("int4", dict(group_size=64)), ("int8", {}), ("mxfp4", {})],
-                         ids=["int4-g64", "int8", "mxfp4"])
+@pytest.mark.parametrize("fmt,opts", [("int4", dict(group_size=64)), ("int8", {}), ("mxfp4", {}), ("nvfp4", {}),
+                                      ("fp8_e4m3", {}), ("mxfp8_e5m2", {})],
+                         ids=["int4-g64", "int8", "mxfp4", "nvfp4", "fp8", "mxfp8-e5m2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_dequant_backend(fmt, opts, dtype):
     """backend='dequant': the dequantization kernel's W^T is kernel_weight bit for
@@ -205,14 +215,15 @@ def test_strided_input():
         check_close(y, x, pw, b, f"stride {x.stride()}")
 
 
-def test_mxfp4_nan_block_is_reference_only():
+@pytest.mark.parametrize("fmt,needle", [("mxfp4", "exponents outside"), ("mxfp8_e4m3", "NaN block scale")])
+def test_mx_nan_block_is_reference_only(fmt, needle):
     """A block with NaN gets the NaN scale (E8M0 255), which the kernels cannot
     apply: the weight is reference-only, and the reference propagates the NaN."""
     w, x, _ = _data(3, 37, 96, torch.bfloat16, False, seed=5)
     w[4, 40] = float("nan")
-    pw = pack_weight(quantize_tensor(w, "mxfp4"))
-    assert not pw.triton_supported and "exponents outside" in pw.unsupported
-    with pytest.raises(ValueError, match="exponents outside"):
+    pw = pack_weight(quantize_tensor(w, fmt))
+    assert not pw.triton_supported and needle in pw.unsupported
+    with pytest.raises(ValueError, match=needle):
         weight_only_matmul(x, pw, backend="triton")
     y = weight_only_matmul(x, pw)
     assert torch.isnan(y[:, 4]).all() and not torch.isnan(y[:, :4]).any()
@@ -233,8 +244,18 @@ def test_packing_is_lossless(combo):
         assert pw.codes.dtype == torch.int32 and pw.codes.shape == (lay.kpad * lay.bits // 32, lay.npad)
         assert lay.npad % 256 == 0 and lay.kpad % 128 == 0
         rows = torch.arange(n) // qt.tile[0]
-        if fmt == "mxfp4":
+        if fmt.startswith("mx"):
             assert torch.equal(pw.scales[: -(-k // 32), :n].t(), qt.scales.view(torch.uint8)[rows])
+            continue
+        if fmt.startswith("fp8"):
+            assert pw.scales.dtype == torch.float32 and pw.biases is None
+            groups = qt.scales.shape[1]
+            assert torch.equal(pw.scales[:groups, :n].t(), qt.scales.float()[rows])
+            continue
+        if fmt == "nvfp4":  # s_b 2^shift in the dtype (exact), the tensor scale 2^7
+            sb = pw.scales[: -(-k // 16), :n].t().double() * 2.0 ** -NVFP4_SHIFT[dtype]
+            assert torch.equal(sb, decode(qt.scales.view(torch.uint8), "fp8_e4m3").double())
+            assert float(pw.biases) == float(qt.global_scale) * 128
             continue
         s = qt.scales[rows].float()
         if qt.options["symmetric"]:
@@ -328,15 +349,15 @@ def test_custom_op_and_torch_compile():
     compiled = torch.compile(lambda t: weight_only_linear(t, pw, b), backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), y)
     with pytest.raises(ValueError, match="no Triton layout"):
-        weight_only_linear(x, pack_weight(quantize_tensor(w, "nvfp4")), b)
+        weight_only_linear(x, pack_weight(quantize_tensor(w, "mxfp6_e2m3")), b)
 
 
 @pytest.mark.parametrize(
     "fmt,opts,needle",
     [
-        ("nvfp4", {}, "nvfp4"),
+        ("mxfp6_e2m3", {}, "mxfp6_e2m3"),
         ("int2", {}, "int2"),
-        ("fp8_e4m3", {}, "fp8_e4m3"),
+        ("mxint8", {}, "mxint8"),
         ("int4", dict(group_size=48), "groups of 48"),
     ],
 )

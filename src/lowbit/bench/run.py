@@ -62,8 +62,8 @@ from .peers import TOL, Peer, PeerUnavailable, Prepared, bf16_baseline, f64_line
 from .shapes import M_VALUES, Shape, describe_registry, parse_ms, select_shapes
 from .timing import FP8_FLOPS, nominal_weight_bytes, roofline_pct, rotation_copies, time_cuda_graph, time_eager
 
-DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w8-int8", "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128",
-                                    "a8w4-mxfp4", "a4w4-mxfp4")
+DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w4-nvfp4", "a16w8-int8", "a16w8-fp8",
+                                    "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128", "a8w8-mxfp8", "a8w4-mxfp4", "a4w4-mxfp4")
 TOP_KEYS: tuple[str, ...] = ("gpu", "date", "commit", "torch", "triton", "rows")
 ROW_KEYS: tuple[str, ...] = ("shape", "n", "k", "m", "method", "us", "speedup_vs_bf16", "roofline_pct", "rel_err")
 DEFAULT_L2 = 50 * 2**20
@@ -175,10 +175,9 @@ def a8w8_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prep
 def mx_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepared:
     """An MX recipe (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4), as QuantLinear runs it: on a GPU
     with block-scaled MMA the MX activation quantization kernel and the tl.dot_scaled
-    GEMM; elsewhere (Hopper) MXFP4 weights take the upcast path (the MX activations
-    dequantized exactly, then the weight-only kernels) and MXFP8 weights the emulated
-    tl.dot_scaled GEMM (QuantLinear runs the reference there: no kernel to time). The
-    activation quantization is inside every timing."""
+    GEMM; elsewhere (Hopper) the upcast path (the MX activations dequantized exactly,
+    then the weight-only kernels with the MXFP4 or MXFP8 weight). The activation
+    quantization is inside every timing."""
     from ..formats import quantize_tensor
     from ..kernels import pack_weight
     from ..kernels.act_quant import quantize_activation_mx_reference
@@ -193,7 +192,7 @@ def mx_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepar
     pm = pack_mx(qt, device)
     act = rc.activation.fmt
     kb = "reference" if backend == "reference" else "triton"
-    upcast = (backend == "auto" and qt.fmt == "mxfp4" and not (device.type == "cuda" and mx_native(device)))
+    upcast = backend == "auto" and not (device.type == "cuda" and mx_native(device))
 
     def bind(p):
         if upcast:

@@ -149,6 +149,34 @@ mov.b32 {{$2, $3}}, h1;
 # byte j of the word into the low byte of float32 2^23 (prmt), minus 2^23: the code
 _I8_ASM = {"bf16": _I8_BODY.format(ty="bf16x2"), "fp16": _I8_BODY.format(ty="f16x2")}
 
+_F8_BODY = """
+{{
+.reg .b16 lo16, hi16, c0, c1, c2, c3;
+.reg .b32 p0, p1, f0, f1, f2, f3, r0, r1;
+mov.b32 {{lo16, hi16}}, $4;
+cvt.rn.f16x2.{el}x2 p0, lo16;
+cvt.rn.f16x2.{el}x2 p1, hi16;
+mov.b32 {{c0, c1}}, p0;
+mov.b32 {{c2, c3}}, p1;
+cvt.f32.f16 f0, c0;
+cvt.f32.f16 f1, c1;
+cvt.f32.f16 f2, c2;
+cvt.f32.f16 f3, c3;
+mul.rn.f32 f0, f0, $5;
+mul.rn.f32 f1, f1, $6;
+mul.rn.f32 f2, f2, $7;
+mul.rn.f32 f3, f3, $8;
+cvt.rn.{ty}.f32 r0, f1, f0;
+cvt.rn.{ty}.f32 r1, f3, f2;
+mov.b32 {{$0, $1}}, r0;
+mov.b32 {{$2, $3}}, r1;
+}}
+"""
+# FP8 bytes (E4M3 or E5M2): two per hardware conversion into an exact f16 pair,
+# widened to float32, times the float32 scale (one rounding), then to the dtype
+_F8_ASM = {(el, dt): _F8_BODY.format(el=el, ty=ty)
+           for el in ("e4m3", "e5m2") for dt, ty in (("bf16", "bf16x2"), ("fp16", "f16x2"))}
+
 
 def _pair(lo, hi):
     """Two 16-bit floats -> the 32-bit word (lo in the low half)."""
@@ -172,16 +200,37 @@ def _round_to_bf16(v):
     return ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
+def _fp8_value(c, E5M2: tl.constexpr):
+    """Interpreter: an E4M3 / E5M2 byte (int32) -> its float32 value, by bits: the
+    magnitude bits placed under float32's exponent read as a (sub)normal float32,
+    times 2^(127 - bias) (exact), then the specials and the sign."""
+    mag = c & 0x7F
+    if E5M2:
+        v = (mag << 21).to(tl.float32, bitcast=True) * 5.192296858534828e33  # 2^112
+        v = tl.where(mag > 0x7C, float("nan"), tl.where(mag == 0x7C, float("inf"), v))
+    else:
+        v = (mag << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
+        v = tl.where(mag == 0x7F, float("nan"), v)
+    return tl.where((c & 0x80) != 0, -v, v)
+
+
 def _emulate(word, J: tl.constexpr, s, b, FAMILY: tl.constexpr, BITS: tl.constexpr, DOT_TY: tl.constexpr,
-             RNE_BF16: tl.constexpr):
+             RNE_BF16: tl.constexpr, E5M2: tl.constexpr = False):
     """Interpreter: the value at position J of each word, as the PTX computes it.
-    s, b: float32 scale and bias (int), or the int32 E8M0 exponent in s (mx)."""
+    s, b: float32 scale and bias (int); the int32 E8M0 exponent in s (mxfp4); the
+    float32 scale in s (fp8, mxfp8, nvfp4: for nvfp4 already times 2^-7, see
+    ``_load_group``)."""
     c = (word >> (J * BITS)) & ((1 << BITS) - 1)
-    if FAMILY == 1:
+    if FAMILY == 1 or FAMILY == 4:
         mag = c & 7
         bits = tl.where(mag >= 2, (mag << 22) + (126 << 23), mag * 0x3F000000) | ((c & 8) << 28)
-        scale = tl.where(s == 0, 1 << 22, s << 23).to(tl.float32, bitcast=True)
+        if FAMILY == 1:
+            scale = tl.where(s == 0, 1 << 22, s << 23).to(tl.float32, bitcast=True)
+        else:
+            scale = s
         w = bits.to(tl.float32, bitcast=True) * scale
+    elif FAMILY == 2 or FAMILY == 3:
+        w = _fp8_value(c, E5M2) * s
     else:
         w = tl.fma(c.to(tl.float32), s, b)
     if RNE_BF16:
@@ -354,12 +403,25 @@ def _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, 
     return acc
 
 
-def _load_group(s_ptr, b_ptr, row, NPAD, offs_n, FAMILY: tl.constexpr, ASM: tl.constexpr):
+def _load_group(s_ptr, b_ptr, row, NPAD, offs_n, FAMILY: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr):
     """Scale and bias of one group row for the BLOCK_N columns: the dtype's values
-    (int; float32 under the interpreter) / the int32 exponent twice (mx)."""
+    (int; float32 under the interpreter) / the int32 exponent twice (mxfp4) / the
+    float32 scale twice (fp8; mxfp8: 2^(E-127) from its exponent) / the dtype's
+    s_b 2^119 (bf16) or s_b 2^7 (fp16) twice (nvfp4; under the interpreter the
+    float32 s_b 2^-7, the factor the e2m1 values get)."""
     s = tl.load(s_ptr + row * NPAD + offs_n)
     if FAMILY == 1:
         s = s.to(tl.int32)
+        b = s
+    elif FAMILY == 2:
+        b = s
+    elif FAMILY == 3:
+        e = s.to(tl.int32)
+        s = tl.where(e == 0, 1 << 22, e << 23).to(tl.float32, bitcast=True)  # 2^(E-127); E = 0: subnormal
+        b = s
+    elif FAMILY == 4:
+        if not ASM:
+            s = s.to(tl.float32) * (6.103515625e-05 if FP16 else 1.1754943508222875e-38)  # 2^-14, 2^-126
         b = s
     else:
         b = tl.load(b_ptr + row * NPAD + offs_n)
@@ -369,9 +431,11 @@ def _load_group(s_ptr, b_ptr, row, NPAD, offs_n, FAMILY: tl.constexpr, ASM: tl.c
     return s, b
 
 
-def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
+                 FP16: tl.constexpr):
     """Scale and bias rows of K tile t's groups for the BLOCK_N columns: (s0, b0, ..., s3, b3);
-    rows past the tile's group count repeat the last."""
+    rows past the tile's group count repeat the last. Groups of 16 (nvfp4, scales only):
+    the eight slots hold the scales of the tile's groups 0..7 in that order."""
     NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
     if GROUP == 0:
         g0 = t * 0
@@ -379,17 +443,25 @@ def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.
         g0 = (t * 128) // GROUP
     else:
         g0 = t * NG
-    s0, b0 = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM)
+    s0, b0 = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM, FP16)
     s1, b1 = s0, b0
     s2, b2 = s0, b0
     s3, b3 = s0, b0
-    if NG >= 2:
-        s1, b1 = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM)
+    if NG == 8:
+        b0, _u = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM, FP16)
+        s1, _u = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM, FP16)
+        b1, _u = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM, FP16)
+        s2, _u = _load_group(s_ptr, b_ptr, g0 + 4, NPAD, offs_n, FAMILY, ASM, FP16)
+        b2, _u = _load_group(s_ptr, b_ptr, g0 + 5, NPAD, offs_n, FAMILY, ASM, FP16)
+        s3, _u = _load_group(s_ptr, b_ptr, g0 + 6, NPAD, offs_n, FAMILY, ASM, FP16)
+        b3, _u = _load_group(s_ptr, b_ptr, g0 + 7, NPAD, offs_n, FAMILY, ASM, FP16)
+    elif NG >= 2:
+        s1, b1 = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM, FP16)
         s2, b2 = s1, b1
         s3, b3 = s1, b1
     if NG == 4:
-        s2, b2 = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM)
-        s3, b3 = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM)
+        s2, b2 = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM, FP16)
+        s3, b3 = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM, FP16)
     return s0, b0, s1, b1, s2, b2, s3, b3
 
 
@@ -399,33 +471,48 @@ def _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY: tl.constexpr, GROUP:
     """Words [R, BLOCK_N] of 4-bit codes -> the values at positions 0..7 (8 tensors [R, BLOCK_N]);
     OUT_F32: the same values widened to float32 (on the GPU, inside the PTX)."""
     NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
-    # position j covers K [16 j, 16 j + 16) of the tile: its group is j // 2 (NG=4), j // 4 (NG=2) or 0
-    if NG == 4:
+    # position j covers K [16 j, 16 j + 16) of the tile: its group is j (NG=8), j // 2 (NG=4), j // 4 (NG=2) or 0
+    if NG == 8:  # the slots hold groups 0..7 in order (``_tile_scales``); scales only
+        sa, sb, sc, sd, se, sf, sg, sh = s0, b0, s1, b1, s2, b2, s3, b3
+        ba, bb, bc, bd, be, bf, bg, bh = sa, sb, sc, sd, se, sf, sg, sh
+    elif NG == 4:
         sa, ba, sb, bb, sc, bc, sd, bd = s0, b0, s0, b0, s1, b1, s1, b1  # j = 0..3
         se, be, sf, bf, sg, bg, sh, bh = s2, b2, s2, b2, s3, b3, s3, b3  # j = 4..7
     else:  # NG 2: s0 for j < 4, s1 after; NG 1: s1 is s0
         sa, ba, sb, bb, sc, bc, sd, bd = s0, b0, s0, b0, s0, b0, s0, b0
         se, be, sf, bf, sg, bg, sh, bh = s1, b1, s1, b1, s1, b1, s1, b1
     if ASM:
-        if FAMILY == 1:
-            p0 = tl.broadcast_to((_mx_scale_bits(sa, FP16) | (_mx_scale_bits(se, FP16) << 16))[None, :], word.shape)
-            p2 = tl.broadcast_to((_mx_scale_bits(sc, FP16) | (_mx_scale_bits(sg, FP16) << 16))[None, :], word.shape)
+        if FAMILY == 1 or FAMILY == 4:
+            # e2m1: each pair (positions p, p + 4) times its scale pair: the power of two
+            # 2^(E-1) / 2^(E-113) (mxfp4) or the stored s_b 2^119 / s_b 2^7 (nvfp4)
+            if FAMILY == 1:
+                p0 = tl.broadcast_to((_mx_scale_bits(sa, FP16) | (_mx_scale_bits(se, FP16) << 16))[None, :],
+                                     word.shape)
+                p2 = tl.broadcast_to((_mx_scale_bits(sc, FP16) | (_mx_scale_bits(sg, FP16) << 16))[None, :],
+                                     word.shape)
+                p1 = p0
+                p3 = p2
+            else:
+                p0 = tl.broadcast_to(_pair(sa, se)[None, :], word.shape)
+                p1 = tl.broadcast_to(_pair(sb, sf)[None, :], word.shape)
+                p2 = tl.broadcast_to(_pair(sc, sg)[None, :], word.shape)
+                p3 = tl.broadcast_to(_pair(sd, sh)[None, :], word.shape)
             if OUT_F32:
                 if FP16:
                     w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                        _MX_ASM_FP16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [word, p0, p0, p2, p2],
+                        _MX_ASM_FP16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [word, p0, p1, p2, p3],
                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
                 else:
                     w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                        _MX_ASM_BF16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [word, p0, p0, p2, p2],
+                        _MX_ASM_BF16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [word, p0, p1, p2, p3],
                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
             elif FP16:
                 w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                    _MX_ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, p0, p0, p2, p2],
+                    _MX_ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, p0, p1, p2, p3],
                     dtype=(tl.float16,) * 8, is_pure=True, pack=1)
             else:
                 w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                    _MX_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, p0, p0, p2, p2],
+                    _MX_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, p0, p1, p2, p3],
                     dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         else:
             p0 = tl.broadcast_to(_pair(sa, se)[None, :], word.shape)
@@ -462,8 +549,10 @@ def _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY: tl.constexpr, GROUP:
 
 
 def _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP: tl.constexpr,
-              ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr):
-    """Words [R, BLOCK_N] of 8-bit codes -> the values at positions 0..3 (4 tensors [R, BLOCK_N])."""
+              ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr,
+              FAMILY: tl.constexpr = 0, E5M2: tl.constexpr = False):
+    """Words [R, BLOCK_N] of 8-bit codes -> the values at positions 0..3 (4 tensors [R, BLOCK_N]):
+    integer codes (FAMILY 0) or FP8 bytes (2: fp8, 3: mxfp8; E4M3, or E5M2) times a float32 scale."""
     NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
     # position j covers K [32 j, 32 j + 32): its group is j (NG=4), j // 2 (NG=2) or 0
     if NG == 2:
@@ -478,7 +567,23 @@ def _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP: tl.constexpr,
         bv1 = tl.broadcast_to(b1[None, :], word.shape)
         bv2 = tl.broadcast_to(b2[None, :], word.shape)
         bv3 = tl.broadcast_to(b3[None, :], word.shape)
-        if FP16:
+        if FAMILY == 2 or FAMILY == 3:
+            args = [word, sv0, sv1, sv2, sv3]
+            if FP16 and E5M2:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    _F8_ASM_E5M2_FP16, "=h,=h,=h,=h,r,r,r,r,r", args, dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+            elif FP16:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    _F8_ASM_E4M3_FP16, "=h,=h,=h,=h,r,r,r,r,r", args, dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+            elif E5M2:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    _F8_ASM_E5M2_BF16, "=h,=h,=h,=h,r,r,r,r,r", args, dtype=(tl.bfloat16,) * 4, is_pure=True,
+                    pack=1)
+            else:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    _F8_ASM_E4M3_BF16, "=h,=h,=h,=h,r,r,r,r,r", args, dtype=(tl.bfloat16,) * 4, is_pure=True,
+                    pack=1)
+        elif FP16:
             w0, w1, w2, w3 = tl.inline_asm_elementwise(
                 _I8_ASM_FP16, "=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
                 [word, sv0, sv1, sv2, sv3, bv0, bv1, bv2, bv3], dtype=(tl.float16,) * 4, is_pure=True, pack=1)
@@ -487,10 +592,10 @@ def _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP: tl.constexpr,
                 _I8_ASM_BF16, "=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
                 [word, sv0, sv1, sv2, sv3, bv0, bv1, bv2, bv3], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1)
     else:
-        w0 = _emulate(word, 0, s0[None, :], b0[None, :], 0, 8, DOT_TY, RNE_BF16)
-        w1 = _emulate(word, 1, s1[None, :], b1[None, :], 0, 8, DOT_TY, RNE_BF16)
-        w2 = _emulate(word, 2, s2[None, :], b2[None, :], 0, 8, DOT_TY, RNE_BF16)
-        w3 = _emulate(word, 3, s3[None, :], b3[None, :], 0, 8, DOT_TY, RNE_BF16)
+        w0 = _emulate(word, 0, s0[None, :], b0[None, :], FAMILY, 8, DOT_TY, RNE_BF16, E5M2)
+        w1 = _emulate(word, 1, s1[None, :], b1[None, :], FAMILY, 8, DOT_TY, RNE_BF16, E5M2)
+        w2 = _emulate(word, 2, s2[None, :], b2[None, :], FAMILY, 8, DOT_TY, RNE_BF16, E5M2)
+        w3 = _emulate(word, 3, s3[None, :], b3[None, :], FAMILY, 8, DOT_TY, RNE_BF16, E5M2)
     return w0, w1, w2, w3
 
 
@@ -498,7 +603,7 @@ def _wo_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NT, TPS, NPAD,
     stride_xm, stride_ym,
-    FAMILY: tl.constexpr,  # 0: int, 1: mxfp4
+    FAMILY: tl.constexpr,  # 0: int, 1: mxfp4, 2: fp8, 3: mxfp8, 4: nvfp4 (``family_code``)
     BITS: tl.constexpr,  # 4 or 8
     GROUP: tl.constexpr,  # scale group along K (elements); 0: one per row
     BLOCK_M: tl.constexpr,
@@ -515,6 +620,7 @@ def _wo_kernel(
     CAT: tl.constexpr = False,  # stack a tile's chunks into one [128, BLOCK_N] operand: one dot per tile
     INT_F32: tl.constexpr = False,  # GEMV of int codes in float32 with the scales applied per group
     PREFETCH: tl.constexpr = 1,  # K tiles of words loaded ahead (in registers)
+    E5M2: tl.constexpr = False,  # FP8 bytes are E5M2 (else E4M3)
 ):
     R: tl.constexpr = 4 * BITS  # word rows per 128-element K tile (128 * BITS / 32)
     pid = tl.program_id(0)
@@ -569,7 +675,7 @@ def _wo_kernel(
             word_next2 = tl.load(w_base + tl.minimum(t + 2, t_end - 1) * (R * NPAD))
         else:
             word_next = tl.load(w_base + tl.minimum(t + 1, t_end - 1) * (R * NPAD))
-        s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM)
+        s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM, FP16)
         k0 = t * 128
         if MODE == 2 and FAMILY == 0 and INT_F32:
             acc = _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, offs_r, K,
@@ -592,7 +698,8 @@ def _wo_kernel(
             acc = _acc_chunk(acc, w6, x_base, m_ok, k0 + 6 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
             acc = _acc_chunk(acc, w7, x_base, m_ok, k0 + 7 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
         elif BITS == 8:
-            w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16)
+            w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16,
+                                       FAMILY, E5M2)
             if CAT:
                 acc = _acc_tile(acc, _stack4(w0, w1, w2, w3), x_base, m_ok, k0, offs_k, K, MODE, DOT_TY, EVEN_K)
             else:
@@ -604,6 +711,8 @@ def _wo_kernel(
     # ---- epilogue: partials, or bias + cast + store
     if MODE == 2:
         acc = tl.sum(acc, axis=0)[None, :]
+    if FAMILY == 4:  # nvfp4: the tensor scale (times 2^7), float32 [1] in b_ptr
+        acc = acc * tl.load(b_ptr)
     _store_tile(acc, offs_m, offs_n, m_ok, offs_n < N, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
                 MODE == 1, PARTIAL, HAS_BIAS, RNE_BF16)
 
@@ -638,6 +747,7 @@ def _dequant_kernel(
     w_ptr, s_ptr, b_ptr, out_ptr, N, K, NPAD,
     FAMILY: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
     ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr,
+    E5M2: tl.constexpr = False,
 ):
     """out[k, n] (W^T, [K, N] contiguous) = the kernel's value of W[n, k]: one K tile x
     BLOCK_N columns per program. For large M: cuBLAS then multiplies x by it."""
@@ -646,13 +756,23 @@ def _dequant_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     word = tl.load(w_ptr + (t * R + offs_r).to(tl.int64)[:, None] * NPAD + offs_n[None, :])
-    s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM)
+    s0, b0, s1, b1, s2, b2, s3, b3 = _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY, GROUP, ASM, FP16)
     rows = (t * 128 + offs_r).to(tl.int64)[:, None]
     n_ok = (offs_n < N)[None, :]
     out = out_ptr + rows * N + offs_n[None, :]
     if BITS == 4:
         w0, w1, w2, w3, w4, w5, w6, w7 = _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY, GROUP,
                                                    ASM, FP16, DOT_TY, RNE_BF16)
+        if FAMILY == 4:  # nvfp4: times the tensor scale, rounded once more
+            g = tl.load(b_ptr)
+            w0 = _times(w0, g, RNE_BF16)
+            w1 = _times(w1, g, RNE_BF16)
+            w2 = _times(w2, g, RNE_BF16)
+            w3 = _times(w3, g, RNE_BF16)
+            w4 = _times(w4, g, RNE_BF16)
+            w5 = _times(w5, g, RNE_BF16)
+            w6 = _times(w6, g, RNE_BF16)
+            w7 = _times(w7, g, RNE_BF16)
         tl.store(out + 0 * R * N, w0.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 0 * R < K))
         tl.store(out + 1 * R * N, w1.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 1 * R < K))
         tl.store(out + 2 * R * N, w2.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 2 * R < K))
@@ -662,11 +782,20 @@ def _dequant_kernel(
         tl.store(out + 6 * R * N, w6.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 6 * R < K))
         tl.store(out + 7 * R * N, w7.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 7 * R < K))
     else:
-        w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16)
+        w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16,
+                                   FAMILY, E5M2)
         tl.store(out + 0 * R * N, w0.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 0 * R < K))
         tl.store(out + 1 * R * N, w1.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 1 * R < K))
         tl.store(out + 2 * R * N, w2.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 2 * R < K))
         tl.store(out + 3 * R * N, w3.to(out_ptr.dtype.element_ty), mask=n_ok & (rows + 3 * R < K))
+
+
+def _times(w, g, RNE_BF16: tl.constexpr):
+    """w * g in float32, rounded to nearest even by bits under the interpreter (bf16)."""
+    v = w.to(tl.float32) * g
+    if RNE_BF16:
+        v = _round_to_bf16(v)
+    return v
 
 
 def _f32_codes_asm(bits: int) -> str:
@@ -717,6 +846,10 @@ _MX_ASM_FP16_F32 = tl.constexpr(_to_f32(_MX_ASM["fp16"], "fp16"))
 _I4_ASM_FP16 = tl.constexpr(_I4_ASM["fp16"])
 _MX_ASM_BF16 = tl.constexpr(_MX_ASM["bf16"])
 _MX_ASM_FP16 = tl.constexpr(_MX_ASM["fp16"])
+_F8_ASM_E4M3_BF16 = tl.constexpr(_F8_ASM[("e4m3", "bf16")])
+_F8_ASM_E4M3_FP16 = tl.constexpr(_F8_ASM[("e4m3", "fp16")])
+_F8_ASM_E5M2_BF16 = tl.constexpr(_F8_ASM[("e5m2", "bf16")])
+_F8_ASM_E5M2_FP16 = tl.constexpr(_F8_ASM[("e5m2", "fp16")])
 _I8_ASM_BF16 = tl.constexpr(_I8_ASM["bf16"])
 _I8_ASM_FP16 = tl.constexpr(_I8_ASM["fp16"])
 
@@ -749,7 +882,7 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
+_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _fp8_value, _times, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
                                     _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile,
                                     _gemv_chunk, _gemv_flush, _gemv_int_tile, _sel4, _gemv_pos,
                                     _f32_codes_emulated)}
@@ -776,6 +909,12 @@ def _kernels():
 
 _REDUCE_BLOCK = 1024
 MODES = {"gemm": 0, "swap": 1, "gemv": 2}
+_FAMILY_CODES = {("int", 4): 0, ("int", 8): 0, ("mx", 4): 1, ("fp8", 8): 2, ("mx", 8): 3, ("nvfp4", 4): 4}
+
+
+def family_code(lay) -> int:
+    """The kernels' FAMILY switch for a Layout: 0 int, 1 mxfp4, 2 fp8, 3 mxfp8, 4 nvfp4."""
+    return _FAMILY_CODES[(lay.family, lay.bits)]
 
 
 def _dot_type(dtype: torch.dtype):
@@ -836,7 +975,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         bias if bias is not None else pw.scales, y, ws,
         m, n, k, nt, tps, lay.npad,
         x2.stride(0), y.stride(0),
-        FAMILY=1 if lay.family == "mx" else 0,
+        FAMILY=family_code(lay),
         BITS=lay.bits,
         GROUP=lay.group,
         BLOCK_M=cfg.block_m,
@@ -853,6 +992,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         CAT=cfg.stack and cfg.mode != "gemv",
         INT_F32=cfg.mode == "gemv" and cfg.int_f32,
         PREFETCH=cfg.prefetch,
+        E5M2=pw.fmt.endswith("e5m2"),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_regs} if cfg.max_regs and not interp else {}),
@@ -870,8 +1010,8 @@ def dequantize_t(pw, dtype: torch.dtype) -> torch.Tensor:
     block_n = 128
     dequant[(triton.cdiv(pw.n, block_n), lay.n_tiles)](
         pw.codes, pw.scales, pw.biases if pw.biases is not None else pw.scales, out, pw.n, pw.k, lay.npad,
-        FAMILY=1 if lay.family == "mx" else 0, BITS=lay.bits, GROUP=lay.group, BLOCK_N=block_n,
+        FAMILY=family_code(lay), BITS=lay.bits, GROUP=lay.group, BLOCK_N=block_n,
         ASM=not interp, FP16=dtype == torch.float16, DOT_TY=_dot_type(dtype),
-        RNE_BF16=dtype == torch.bfloat16 and interp, num_warps=4,
+        RNE_BF16=dtype == torch.bfloat16 and interp, E5M2=pw.fmt.endswith("e5m2"), num_warps=4,
     )
     return out

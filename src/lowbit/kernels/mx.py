@@ -17,12 +17,13 @@ dequantizing on every call), "auto" (triton on Blackwell and under the interpret
 else the reference; QuantLinear's own reference caches the dequantized weight).
 NVFP4 (E4M3 scales per 16 and a tensor scale) has no kernel yet: it runs the reference.
 
-Without block-scaled MMA (Hopper) ``mx_upcast_matmul`` runs MXFP4-weight recipes
-(a8w4-mxfp4, a4w4-mxfp4) faster than that emulation: one pass writes the MX-quantized
+Without block-scaled MMA (Hopper) ``mx_upcast_matmul`` runs the MX recipes (a8w8-mxfp8,
+a8w4-mxfp4, a4w4-mxfp4) faster than that emulation: one pass writes the MX-quantized
 activations dequantized in x's dtype (exact: ``act_quant.fake_quantize_activation_mx``),
-then the weight-only kernels multiply them with the MXFP4 weight (exact in bf16/fp16,
-float32 sums), the dispatcher choosing GEMV, swapped MMA, tiled GEMM or dequantize +
-cuBLAS per shape: the recipe's product, at the weight-only kernels' speed.
+then the weight-only kernels multiply them with the MXFP4 weight (exact in bf16/fp16) or
+the MXFP8 weight (each value rounded once to x's dtype), float32 sums, the dispatcher
+choosing GEMV, swapped MMA, tiled GEMM or dequantize + cuBLAS per shape: the recipe's
+product, at the weight-only kernels' speed.
 """
 
 from __future__ import annotations
@@ -179,8 +180,9 @@ def upcast_activation_applies(act_fmt: str | None, act_options: dict) -> bool:
 def mx_upcast_matmul(x: torch.Tensor, pw, act_fmt: str, bias: torch.Tensor | None = None,
                      backend: str = "auto") -> torch.Tensor:
     """y = mx_quantize(x) @ W^T (+ bias) for a weight packed for the weight-only kernels
-    (``pack_weight(qt, dtype=x.dtype)``, an MXFP4 weight for a8w4-/a4w4-mxfp4): the MX
-    activations, dequantized exactly in x's dtype, through ``weight_only_matmul``."""
+    (``pack_weight(qt, dtype=x.dtype)``: an MXFP4 weight for a8w4-/a4w4-mxfp4, MXFP8 for
+    a8w8-mxfp8): the MX activations, dequantized exactly in x's dtype, through
+    ``weight_only_matmul``."""
     from .weight_only import weight_only_matmul
 
     if act_fmt not in ACT_FORMATS:

@@ -32,6 +32,12 @@ The Triton layout (``Layout`` describes it):
   scales stay float32 (``round(fma(q, scale, bias))``, the reference's value
   for integer zero points). MXFP4 keeps its E8M0 exponents (uint8 [groups,
   npad]); its values are exact.
+- FP8 (E4M3 or E5M2, per channel, tensor or 128 x 128 blocks) keeps its codes
+  as bytes like int8 and its scales in float32; MXFP8 its codes and E8M0
+  exponents; each value is round(code * scale) in float32, then to the dtype.
+- NVFP4 packs its e2m1 codes like MXFP4, its E4M3 block scales (groups of 16)
+  as s_b 2^119 (bf16) / s_b 2^7 (fp16), exact, and its tensor scale times 2^7
+  (float32 [1], in ``biases``): see ``NVFP4_SHIFT``.
 - A scale tile that covers several rows (tensor or block granularity) is
   expanded to one scale per row; groups must be 32 or 64 elements, a multiple of
   128, or all of K (one scale per row).
@@ -47,7 +53,15 @@ from ..formats import QTensor
 
 N_ALIGN = 256  # npad is a multiple of this: every BLOCK_N up to 256 tiles it
 TILE_K = 128  # K elements per tile of words
-TRITON_FORMATS = ("int4", "int8", "mxfp4")
+TRITON_FORMATS = ("int4", "int8", "mxfp4", "nvfp4", "fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3", "mxfp8_e5m2")
+# the element each non-integer format's codes decode with (lowbit.formats.elements)
+_ELEMENT = {"mxfp4": "fp4_e2m1", "nvfp4": "fp4_e2m1", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2",
+            "mxfp8_e4m3": "fp8_e4m3", "mxfp8_e5m2": "fp8_e5m2"}
+# NVFP4: the kernels store s_b 2^shift in the activation dtype and read an e2m1 code
+# as e2m1 2^-126 (bf16) / e2m1 2^-14 (fp16), so the product is e2m1 s_b 2^-7 exactly
+# (at most 6 significant bits, within both dtypes' range); the sums are multiplied
+# by the tensor scale times 2^7 at the end, in float32
+NVFP4_SHIFT = {torch.bfloat16: 119, torch.float16: 7}
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -55,7 +69,7 @@ TRITON_DTYPES = (torch.bfloat16, torch.float16)
 class Layout:
     """How the Triton kernels read a PackedWeight (see the module docstring)."""
 
-    family: str  # "int" | "mx"
+    family: str  # "int" | "mx" | "fp8" | "nvfp4" (the format registry's families)
     bits: int  # 4 or 8
     group: int  # scale group along K in elements; 0: one scale per row
     kpad: int  # K padded to a multiple of TILE_K
@@ -89,7 +103,7 @@ class PackedWeight:
     dtype: torch.dtype
     codes: torch.Tensor | None = None
     scales: torch.Tensor | None = None
-    biases: torch.Tensor | None = None
+    biases: torch.Tensor | None = None  # int: per group; nvfp4: the tensor scale times 2^7, float32 [1]
     layout: Layout | None = None
     unsupported: str | None = None
     kbytes: torch.Tensor | None = None  # K-major 4-bit codes [npad, kpad / 2] (``with_kmajor``)
@@ -159,6 +173,21 @@ def _triton_layout(qt: QTensor, dtype: torch.dtype) -> tuple[Layout | None, str 
                 f"the Triton kernels multiply by 2^(E-127) in {dtype}; use backend='reference'"
             )
         return Layout("mx", 4, 32, kpad, npad), None
+    if qt.fmt in ("mxfp8_e4m3", "mxfp8_e5m2"):
+        if bool((qt.scales.view(torch.uint8) == 255).any()):
+            return None, f"{qt.fmt} with a NaN block scale (E8M0 255): the Triton kernels cannot apply it; " \
+                         "use backend='reference'"
+        return Layout("mx", 8, 32, kpad, npad), None
+    if spec.family == "fp8":
+        group, why = _group_of(qt)
+        if why:
+            return None, why
+        return Layout("fp8", 8, group, kpad, npad), None
+    if qt.fmt == "nvfp4":
+        sb = qt.scales.view(torch.uint8)
+        if bool(((sb & 0x7F) == 0x7F).any()):
+            return None, "nvfp4 with a NaN block scale: the Triton kernels cannot apply it; use backend='reference'"
+        return Layout("nvfp4", 4, 16, kpad, npad), None
     return None, (
         f"format {qt.fmt}: the Triton weight-only kernels support {', '.join(TRITON_FORMATS)} "
         "(int with groups of 32, 64, a multiple of 128, or per channel) so far; use backend='reference'"
@@ -241,9 +270,18 @@ def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -
     if lay.family == "int" and qt.options.get("symmetric", True):
         p = p ^ (1 << (lay.bits - 1))
     codes = _words(p, lay)
+    groups = 1 if lay.group == 0 else -(-lay.kpad // lay.group)
     if lay.family == "mx":
         e = _rows(qt.scales.view(torch.uint8), qt)
-        scales, biases = _pad2(e.t(), lay.kpad // 32, lay.npad, value=127), None
+        scales, biases = _pad2(e.t(), groups, lay.npad, value=127), None
+    elif lay.family == "fp8":
+        scales, biases = _pad2(_rows(qt.scales, qt).float().t(), groups, lay.npad), None
+    elif lay.family == "nvfp4":
+        from ..formats.elements import decode
+
+        sb = decode(qt.scales.view(torch.uint8), "fp8_e4m3").float() * 2.0 ** NVFP4_SHIFT[dtype]  # exact
+        scales = _pad2(sb.to(dtype).t(), groups, lay.npad)
+        biases = (qt.global_scale.float() * 2.0**7).reshape(1).contiguous()  # the tensor scale, times 2^7
     else:
         scales, biases = _int_scales(qt, lay, dtype)
     return PackedWeight(qt.fmt, n, k, qt, dtype, codes, scales, biases, lay)
@@ -303,7 +341,12 @@ def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
 
     4-bit ints: round(q * scale + bias) with scale and bias in pw.dtype and one
     rounding (a fused multiply-add in that dtype); 8-bit ints: round(fma(q,
-    scale, bias)) in float32 then to pw.dtype; MXFP4: the exact value.
+    scale, bias)) in float32 then to pw.dtype; FP8 and MXFP8: the code's value
+    times the scale rounded to float32, then to pw.dtype; MXFP4: the exact value.
+    NVFP4: the matmul kernels multiply by e2m1 s_b 2^-7 exactly and the sums by
+    the tensor scale 2^7 in float32: rounded=False gives e2m1 s_b s_t (float64),
+    rounded=True what the dequantization kernel (backend "dequant") writes,
+    round(float32(e2m1 s_b 2^-7) * float32(s_t 2^7)) in pw.dtype.
     rounded=False (ints): q * scale + bias unrounded, in float64: what the
     float32 GEMV (``WeightOnlyConfig(int_f32=True)``) multiplies with; for 4-bit
     codes that includes the GEMV's carry: positions 4..7 of a word (k % 128 >= 64)
@@ -318,12 +361,20 @@ def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
         q = (q.long() ^ (1 << (lay.bits - 1))).double()  # the stored (biased) code
     cols = torch.arange(k, device=q.device)
     g = torch.zeros_like(cols) if lay.group == 0 else cols // lay.group
-    if lay.family == "mx":
-        e = pw.scales[:, :n].t()[:, g].double()
+    if lay.family != "int":
         from ..formats.elements import decode
 
-        v = decode(unpack_codes_from_layout(pw), "fp4_e2m1").double()
-        return (v * torch.exp2(e - 127)).to(pw.dtype)
+        v = decode(unpack_codes_from_layout(pw), _ELEMENT[pw.fmt]).double()
+        s = pw.scales[:, :n].t()[:, g].double()
+        if lay.family == "mx":
+            s = torch.exp2(s - 127)
+        if lay.family == "nvfp4":
+            w = v * s * 2.0 ** -(NVFP4_SHIFT[pw.dtype] + 7)  # e2m1 s_b 2^-7, exact
+            w = w * pw.biases.double()  # times the tensor scale 2^7: once in float32 (below) or exact
+            return w.float().to(pw.dtype) if rounded else w
+        if lay.bits == 8:  # one float32 rounding of the product, then the cast
+            return (v * s).float().to(pw.dtype)
+        return (v * s).to(pw.dtype)  # mxfp4: exact
     s = pw.scales[:, :n].t()[:, g].double()
     b = pw.biases[:, :n].t()[:, g].double()
     w = q * s + b  # exact in float64

@@ -40,7 +40,7 @@ class QuantLinear(nn.Module):
     activation quantization, then the FP8/INT8 tensor-core GEMM), MX recipes
     (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4) through the MX kernel
     (``torch.ops.lowbit.mx_linear``, tl.dot_scaled) on GPUs with block-scaled MMA,
-    and elsewhere (Hopper) MXFP4-weight recipes as MX activations dequantized
+    and elsewhere (Hopper) the MX recipes as MX activations dequantized
     exactly (``torch.ops.lowbit.mx_fake_quantize``) times the weight through the
     weight-only kernels, and everything else (CPU,
     float32, NVFP4 activations, formats without a kernel) through the reference.
@@ -253,8 +253,8 @@ class QuantLinear(nn.Module):
         """backend "auto" on a CUDA GPU with block-scaled MMA (Blackwell, compute capability
         10+), bf16/fp16 input, MXFP8/MXFP4 activations (the spec's floor rule) with MXFP8/MXFP4
         weights (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4): the MX kernel. On Hopper Triton emulates
-        that MMA at 0.1-0.7x bf16 (docs/perf/experiments/a8w8-h200.md): MXFP4 weights run the
-        upcast path there (``_kernel_applies``), MXFP8 weights the reference."""
+        that MMA at 0.1-0.7x bf16 (docs/perf/experiments/a8w8-h200.md): the MX recipes run the
+        upcast path there (``_kernel_applies``)."""
         from ..kernels.mx import ACT_FORMATS, mx_native, mx_unsupported
 
         act = self.activation
