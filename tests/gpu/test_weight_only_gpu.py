@@ -21,7 +21,7 @@ from lowbit import quantize_tensor
 from lowbit.kernels import WeightOnlyConfig, dispatch, pack_weight, weight_only_matmul, weight_only_matmul_reference
 from lowbit.kernels._weight_only_triton import dequantize_t
 from lowbit.kernels.ops import weight_only_linear
-from lowbit.kernels.packing import kernel_weight, with_kmajor
+from lowbit.kernels.packing import has_f32_gemv, kernel_weight, with_kmajor
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_kernels")]
 
@@ -96,7 +96,7 @@ def planned(m, pw, kw, dtype, config=None, backend="auto"):
     if backend == "auto" and config is None:
         p = dispatch.plan(m, pw.n, pw.k, pw, torch.device("cuda"), dtype)
         backend, config = p.kernel, p.config
-    if config is not None and config.int_f32 and config.mode == "gemv" and pw.layout.family == "int":
+    if config is not None and config.int_f32 and config.mode == "gemv" and has_f32_gemv(pw.layout):
         kw = kernel_weight(pw, rounded=False)
     if pw.layout.family == "nvfp4" and backend != "dequant":  # exact values, the tensor scale on the sums
         kw = kernel_weight(pw, rounded=False)
@@ -209,12 +209,12 @@ def test_auto_plans(caplog):
             weight_only_matmul(torch.randn(m, 4096, device="cuda").bfloat16(), pw)
     text = caplog.text
     assert "M=1 " in text and "gemv" in text and "swap" in text and "gemm" in text and "dequant" in text
-    nv = pack_weight(quantize_tensor(torch.randn(64, 256, device="cuda"), "nvfp4"))
+    nv = pack_weight(quantize_tensor(torch.randn(64, 256, device="cuda"), "mxfp6_e2m3"))  # no kernel
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="lowbit.kernels"):
         weight_only_matmul(torch.randn(2, 256, device="cuda").bfloat16(), nv)
-    assert "reference" in caplog.text and "nvfp4" in caplog.text
-    with pytest.raises(ValueError, match="nvfp4"):
+    assert "reference" in caplog.text and "mxfp6_e2m3" in caplog.text
+    with pytest.raises(ValueError, match="mxfp6_e2m3"):
         weight_only_matmul(torch.randn(2, 256, device="cuda").bfloat16(), nv, backend="triton")
 
 

@@ -40,7 +40,14 @@ from lowbit.kernels import dispatch  # noqa: E402
 from lowbit.kernels._weight_only_triton import dequantize_t  # noqa: E402
 from lowbit.kernels.ops import weight_only_linear  # noqa: E402
 from lowbit.formats.elements import decode  # noqa: E402
-from lowbit.kernels.packing import NVFP4_SHIFT, kernel_weight, unpack_codes_from_layout, with_kmajor  # noqa: E402
+from lowbit.kernels.packing import (  # noqa: E402
+    NVFP4_SHIFT,
+    has_f32_gemv,
+    kernel_weight,
+    mx_exponents,
+    unpack_codes_from_layout,
+    with_kmajor,
+)
 
 torch.set_num_threads(1)
 
@@ -87,7 +94,7 @@ def check_close(y, x, pw, bias, tag, config=None, backend="triton"):
     k = x.shape[-1]
     m = x.numel() // k
     cfg = config or dispatch.default_config(m, pw.n, k, pw, dispatch.num_sms(x.device))
-    f32_gemv = cfg.mode == "gemv" and cfg.int_f32 and pw.layout.family == "int"
+    f32_gemv = cfg.mode == "gemv" and cfg.int_f32 and has_f32_gemv(pw.layout)
     # NVFP4: the matmul kernels' values are exact (the tensor scale is applied to the sums)
     exact_values = f32_gemv or (pw.layout.family == "nvfp4" and backend != "dequant")
     kw = kernel_weight(pw, rounded=not exact_values).double()
@@ -244,8 +251,11 @@ def test_packing_is_lossless(combo):
         assert pw.codes.dtype == torch.int32 and pw.codes.shape == (lay.kpad * lay.bits // 32, lay.npad)
         assert lay.npad % 256 == 0 and lay.kpad % 128 == 0
         rows = torch.arange(n) // qt.tile[0]
-        if fmt.startswith("mx"):
-            assert torch.equal(pw.scales[: -(-k // 32), :n].t(), qt.scales.view(torch.uint8)[rows])
+        if fmt.startswith("mx"):  # E8M0 exponents, four per int32 word (padding 127)
+            assert pw.scales.dtype == torch.int32 and pw.scales.shape == (lay.n_tiles, lay.npad)
+            e = mx_exponents(pw)
+            assert torch.equal(e[:, : -(-k // 32)], qt.scales.view(torch.uint8)[rows])
+            assert bool((e[:, -(-k // 32):] == 127).all())
             continue
         if fmt.startswith("fp8"):
             assert pw.scales.dtype == torch.float32 and pw.biases is None
@@ -411,8 +421,11 @@ def test_pack_weight_validates():
 @pytest.mark.parametrize("fmt,opts", [("int4", dict(group_size=32)), ("int4", dict(group_size=64, symmetric=True)),
                                       ("int4", dict(group_size=256)), ("int4", dict(granularity="channel")),
                                       ("int8", {}), ("int8", dict(group_size=32, symmetric=False)),
-                                      ("int8", dict(group_size=64))],
-                         ids=["int4-g32", "int4-g64-sym", "int4-g256", "int4-channel", "int8", "int8-g32", "int8-g64"])
+                                      ("int8", dict(group_size=64)), ("fp8_e4m3", {}),
+                                      ("fp8_e5m2", dict(granularity="block", block_shape=(128, 128))),
+                                      ("mxfp8_e4m3", {}), ("mxfp8_e5m2", {})],
+                         ids=["int4-g32", "int4-g64-sym", "int4-g256", "int4-channel", "int8", "int8-g32", "int8-g64",
+                              "fp8", "fp8-e5m2-b128", "mxfp8", "mxfp8-e5m2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_float32_int_gemv(fmt, opts, dtype):
     """The float32 integer GEMV (codes as float32 C + q, scale and bias applied once

@@ -172,6 +172,21 @@ mov.b32 {{$0, $1}}, r0;
 mov.b32 {{$2, $3}}, r1;
 }}
 """
+_F8_F32_BODY = """
+{{
+.reg .b16 lo16, hi16, c0, c1, c2, c3;
+.reg .b32 p0, p1;
+mov.b32 {{lo16, hi16}}, $4;
+cvt.rn.f16x2.{el}x2 p0, lo16;
+cvt.rn.f16x2.{el}x2 p1, hi16;
+mov.b32 {{c0, c1}}, p0;
+mov.b32 {{c2, c3}}, p1;
+cvt.f32.f16 $0, c0;
+cvt.f32.f16 $1, c1;
+cvt.f32.f16 $2, c2;
+cvt.f32.f16 $3, c3;
+}}
+"""
 # FP8 bytes (E4M3 or E5M2): two per hardware conversion into an exact f16 pair,
 # widened to float32, times the float32 scale (one rounding), then to the dtype
 _F8_ASM = {(el, dt): _F8_BODY.format(el=el, ty=ty)
@@ -403,21 +418,54 @@ def _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, 
     return acc
 
 
+def _gemv_fp8_tile(acc, word, s0, s1, s2, s3, x_base, k0, offs_r, K, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+                   ASM: tl.constexpr, E5M2: tl.constexpr):
+    """One K tile of the float32 GEMV of FP8 codes (fp8, mxfp8): the codes' exact values
+    times x summed in float32, the scale applied once per tile (one scale per tile:
+    per channel, 128 x 128 blocks) or once per position (mxfp8: position j is group j)."""
+    R: tl.constexpr = 32
+    if ASM:
+        if E5M2:
+            f0, f1, f2, f3 = tl.inline_asm_elementwise(
+                _F8_F32_E5M2, "=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+        else:
+            f0, f1, f2, f3 = tl.inline_asm_elementwise(
+                _F8_F32_E4M3, "=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        f0 = _fp8_value(word & 0xFF, E5M2)
+        f1 = _fp8_value((word >> 8) & 0xFF, E5M2)
+        f2 = _fp8_value((word >> 16) & 0xFF, E5M2)
+        f3 = _fp8_value((word >> 24) & 0xFF, E5M2)
+    x0 = _gemv_x(x_base, k0, offs_r, K, EVEN_K)
+    x1 = _gemv_x(x_base, k0 + R, offs_r, K, EVEN_K)
+    x2 = _gemv_x(x_base, k0 + 2 * R, offs_r, K, EVEN_K)
+    x3 = _gemv_x(x_base, k0 + 3 * R, offs_r, K, EVEN_K)
+    if GROUP == 32:
+        acc += (x0 * f0) * s0[None, :]
+        acc += (x1 * f1) * s1[None, :]
+        acc += (x2 * f2) * s2[None, :]
+        acc += (x3 * f3) * s3[None, :]
+    else:
+        acc += (x0 * f0 + x1 * f1 + x2 * f2 + x3 * f3) * s0[None, :]
+    return acc
+
+
+def _gemv_x(x_base, k0, offs_r, K, EVEN_K: tl.constexpr):
+    """GEMV: x[k0 + r] for the R rows of a position, float32 [R, 1] (one token per program)."""
+    if EVEN_K:
+        xt = tl.load(x_base + k0)
+    else:
+        xt = tl.load(x_base + k0, mask=(k0 + offs_r)[None, :] < K, other=0.0)
+    return tl.reshape(xt, (xt.shape[1], 1)).to(tl.float32)
+
+
 def _load_group(s_ptr, b_ptr, row, NPAD, offs_n, FAMILY: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr):
     """Scale and bias of one group row for the BLOCK_N columns: the dtype's values
-    (int; float32 under the interpreter) / the int32 exponent twice (mxfp4) / the
-    float32 scale twice (fp8; mxfp8: 2^(E-127) from its exponent) / the dtype's
+    (int; float32 under the interpreter) / the float32 scale twice (fp8) / the dtype's
     s_b 2^119 (bf16) or s_b 2^7 (fp16) twice (nvfp4; under the interpreter the
-    float32 s_b 2^-7, the factor the e2m1 values get)."""
+    float32 s_b 2^-7, the factor the e2m1 values get). MX formats: ``_tile_scales``."""
     s = tl.load(s_ptr + row * NPAD + offs_n)
-    if FAMILY == 1:
-        s = s.to(tl.int32)
-        b = s
-    elif FAMILY == 2:
-        b = s
-    elif FAMILY == 3:
-        e = s.to(tl.int32)
-        s = tl.where(e == 0, 1 << 22, e << 23).to(tl.float32, bitcast=True)  # 2^(E-127); E = 0: subnormal
+    if FAMILY == 2:
         b = s
     elif FAMILY == 4:
         if not ASM:
@@ -443,11 +491,21 @@ def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.
         g0 = (t * 128) // GROUP
     else:
         g0 = t * NG
-    s0, b0 = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM, FP16)
-    s1, b1 = s0, b0
-    s2, b2 = s0, b0
-    s3, b3 = s0, b0
-    if NG == 8:
+    if FAMILY == 1 or FAMILY == 3:  # MX: one int32 per column holds the tile's four E8M0 exponents
+        ew = tl.load(s_ptr + t * NPAD + offs_n)
+        s0 = _mx_scale(ew & 0xFF, FAMILY)
+        s1 = _mx_scale((ew >> 8) & 0xFF, FAMILY)
+        s2 = _mx_scale((ew >> 16) & 0xFF, FAMILY)
+        s3 = _mx_scale((ew >> 24) & 0xFF, FAMILY)
+        b0, b1, b2, b3 = s0, s1, s2, s3
+    else:
+        s0, b0 = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM, FP16)
+        s1, b1 = s0, b0
+        s2, b2 = s0, b0
+        s3, b3 = s0, b0
+    if FAMILY == 1 or FAMILY == 3:
+        pass
+    elif NG == 8:
         b0, _u = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM, FP16)
         s1, _u = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM, FP16)
         b1, _u = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM, FP16)
@@ -459,10 +517,20 @@ def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.
         s1, b1 = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM, FP16)
         s2, b2 = s1, b1
         s3, b3 = s1, b1
-    if NG == 4:
+    if NG == 4 and FAMILY != 1 and FAMILY != 3:
         s2, b2 = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM, FP16)
         s3, b3 = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM, FP16)
     return s0, b0, s1, b1, s2, b2, s3, b3
+
+
+def _mx_scale(e, FAMILY: tl.constexpr):
+    """An E8M0 exponent (int32): itself (mxfp4, applied in the dtype) or 2^(E-127) as a
+    float32 (mxfp8; E = 0: the subnormal 2^-127)."""
+    if FAMILY == 3:
+        s = tl.where(e == 0, 1 << 22, e << 23).to(tl.float32, bitcast=True)
+    else:
+        s = e
+    return s
 
 
 def _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY: tl.constexpr, GROUP: tl.constexpr,
@@ -618,7 +686,7 @@ def _wo_kernel(
     RNE_BF16: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % 128 == 0: no mask along K on x
     CAT: tl.constexpr = False,  # stack a tile's chunks into one [128, BLOCK_N] operand: one dot per tile
-    INT_F32: tl.constexpr = False,  # GEMV of int codes in float32 with the scales applied per group
+    INT_F32: tl.constexpr = False,  # GEMV of int / FP8 codes in float32 with the scales applied per group
     PREFETCH: tl.constexpr = 1,  # K tiles of words loaded ahead (in registers)
     E5M2: tl.constexpr = False,  # FP8 bytes are E5M2 (else E4M3)
 ):
@@ -680,10 +748,12 @@ def _wo_kernel(
         if MODE == 2 and FAMILY == 0 and INT_F32:
             acc = _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, offs_r, K,
                                  BITS, GROUP, EVEN_K, ASM)
+        elif MODE == 2 and (FAMILY == 2 or FAMILY == 3) and INT_F32:
+            acc = _gemv_fp8_tile(acc, word, s0, s1, s2, s3, x_base, k0, offs_r, K, GROUP, EVEN_K, ASM, E5M2)
         elif BITS == 4:
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY, GROUP,
                                                        ASM, FP16, DOT_TY, RNE_BF16, MODE == 2)
-        if MODE == 2 and FAMILY == 0 and INT_F32:
+        if MODE == 2 and FAMILY != 1 and FAMILY != 4 and INT_F32:
             pass
         elif BITS == 4 and CAT:
             acc = _acc_tile(acc, _stack8(w0, w1, w2, w3, w4, w5, w6, w7), x_base, m_ok, k0, offs_k, K, MODE, DOT_TY,
@@ -846,6 +916,8 @@ _MX_ASM_FP16_F32 = tl.constexpr(_to_f32(_MX_ASM["fp16"], "fp16"))
 _I4_ASM_FP16 = tl.constexpr(_I4_ASM["fp16"])
 _MX_ASM_BF16 = tl.constexpr(_MX_ASM["bf16"])
 _MX_ASM_FP16 = tl.constexpr(_MX_ASM["fp16"])
+_F8_F32_E4M3 = tl.constexpr(_F8_F32_BODY.format(el="e4m3"))
+_F8_F32_E5M2 = tl.constexpr(_F8_F32_BODY.format(el="e5m2"))
 _F8_ASM_E4M3_BF16 = tl.constexpr(_F8_ASM[("e4m3", "bf16")])
 _F8_ASM_E4M3_FP16 = tl.constexpr(_F8_ASM[("e4m3", "fp16")])
 _F8_ASM_E5M2_BF16 = tl.constexpr(_F8_ASM[("e5m2", "bf16")])
@@ -882,7 +954,7 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _fp8_value, _times, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
+_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _mx_scale, _fp8_value, _times, _gemv_fp8_tile, _gemv_x, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
                                     _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile,
                                     _gemv_chunk, _gemv_flush, _gemv_int_tile, _sel4, _gemv_pos,
                                     _f32_codes_emulated)}

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .packing import PackedWeight
+from .packing import PackedWeight, has_f32_gemv
 from .config import WeightOnlyConfig
 
 logger = logging.getLogger("lowbit.kernels")
@@ -93,14 +93,14 @@ def default_config(m: int, n: int, k: int, pw: PackedWeight, num_sms: int = 132)
     """The shipped Triton config for an [m, k] x [n, k]^T product (table above)."""
     if pw.layout is None:
         raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported})")
-    return _default_config(m, n, pw.layout.n_tiles, num_sms, pw.layout.family == "int")
+    return _default_config(m, n, pw.layout.n_tiles, num_sms, has_f32_gemv(pw.layout))
 
 
 @functools.lru_cache(maxsize=4096)
-def _default_config(m: int, n: int, n_tiles: int, num_sms: int, int_codes: bool = False) -> WeightOnlyConfig:
-    if m == 1:  # integer codes: the float32 GEMV (the fastest on the H200 at every measured shape)
+def _default_config(m: int, n: int, n_tiles: int, num_sms: int, f32_gemv: bool = False) -> WeightOnlyConfig:
+    if m == 1:  # integer and FP8 codes: the float32 GEMV (for ints the fastest on the H200 at every measured shape)
         split = max(1, min(4, n_tiles // 2))
-        return WeightOnlyConfig(1, 64, split, 2, 3, "gemv", int_f32=int_codes)
+        return WeightOnlyConfig(1, 64, split, 2, 3, "gemv", int_f32=f32_gemv)
     if m <= 64:
         block_m, block_n = _pow2_at_least(m, 16), 128
         tiles = -(-n // block_n)
@@ -278,7 +278,8 @@ def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32,
     "dequant" stands for dequantize + cuBLAS."""
     out: list = []
     if m == 1:
-        f32 = fmt_family == "int"  # integer codes: the float32 GEMV (the 16-bit one as a fallback below)
+        # integer and FP8 codes: the float32 GEMV (the 16-bit one as a fallback below)
+        f32 = fmt_family in ("int", "fp8") or (fmt_family == "mx" and bits == 8)
         for (bn, warps), pf, split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (1, 2),
                                                         (1, 2, 4, 6, 8)):
             out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf))

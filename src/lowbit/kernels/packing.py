@@ -30,11 +30,12 @@ The Triton layout (``Layout`` describes it):
   deviation from the float32 reference of about one unit in the last place of
   the dtype (``kernel_weight`` computes exactly what the kernel uses). 8-bit
   scales stay float32 (``round(fma(q, scale, bias))``, the reference's value
-  for integer zero points). MXFP4 keeps its E8M0 exponents (uint8 [groups,
-  npad]); its values are exact.
+  for integer zero points). MXFP4 keeps its E8M0 exponents, the four of a K tile
+  in one int32 word (int32 [n_tiles, npad], byte j = group j); its values are exact.
 - FP8 (E4M3 or E5M2, per channel, tensor or 128 x 128 blocks) keeps its codes
-  as bytes like int8 and its scales in float32; MXFP8 its codes and E8M0
-  exponents; each value is round(code * scale) in float32, then to the dtype.
+  as bytes like int8 and its scales in float32; MXFP8 its codes, and its E8M0
+  exponents in words like MXFP4's; each value is round(code * scale) in float32,
+  then to the dtype.
 - NVFP4 packs its e2m1 codes like MXFP4, its E4M3 block scales (groups of 16)
   as s_b 2^119 (bf16) / s_b 2^7 (fp16), exact, and its tensor scale times 2^7
   (float32 [1], in ``biases``): see ``NVFP4_SHIFT``.
@@ -222,6 +223,25 @@ def _words(p: torch.Tensor, lay: Layout) -> torch.Tensor:
     return _pad2(w.reshape(n, -1).t(), lay.kpad * lay.bits // 32, lay.npad)
 
 
+def _exponent_words(e: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """MX E8M0 exponents [n, groups] (uint8, groups of 32) -> int32 [n_tiles, npad]: byte j
+    of word [t, n] is the exponent of K tile t's group j (padding: 127, the scale 1).
+    One load per tile instead of four byte loads, each of which Triton moved through
+    shared memory with two barriers in the GEMV."""
+    n = e.shape[0]
+    e = _pad2(e, n, lay.kpad // 32, value=127).to(torch.int64).reshape(n, lay.n_tiles, 4)
+    w = (e << torch.tensor([0, 8, 16, 24], device=e.device)).sum(dim=2)  # [n, t], < 2^32
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    return _pad2(w.t(), lay.n_tiles, lay.npad, value=0x7F7F7F7F)
+
+
+def mx_exponents(pw: "PackedWeight") -> torch.Tensor:
+    """The E8M0 exponents [n, kpad / 32] (uint8) of an MX weight's exponent words."""
+    w = pw.scales[:, : pw.n].t().to(torch.int64) & 0xFFFFFFFF  # [n, t]
+    e = (w[:, :, None] >> torch.tensor([0, 8, 16, 24], device=w.device)) & 0xFF
+    return e.reshape(pw.n, -1).to(torch.uint8)
+
+
 def _rows(t: torch.Tensor, qt: QTensor) -> torch.Tensor:
     """A per-tile tensor [Rt, Kt] expanded to one row per weight row [n, Kt]."""
     tr = qt.tile[0]
@@ -272,8 +292,7 @@ def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -
     codes = _words(p, lay)
     groups = 1 if lay.group == 0 else -(-lay.kpad // lay.group)
     if lay.family == "mx":
-        e = _rows(qt.scales.view(torch.uint8), qt)
-        scales, biases = _pad2(e.t(), groups, lay.npad, value=127), None
+        scales, biases = _exponent_words(_rows(qt.scales.view(torch.uint8), qt), lay), None
     elif lay.family == "fp8":
         scales, biases = _pad2(_rows(qt.scales, qt).float().t(), groups, lay.npad), None
     elif lay.family == "nvfp4":
@@ -285,6 +304,12 @@ def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -
     else:
         scales, biases = _int_scales(qt, lay, dtype)
     return PackedWeight(qt.fmt, n, k, qt, dtype, codes, scales, biases, lay)
+
+
+def has_f32_gemv(lay: Layout) -> bool:
+    """Whether the float32 GEMV (``WeightOnlyConfig(int_f32=True)``) takes this layout:
+    integer codes, FP8 and MXFP8."""
+    return lay.family in ("int", "fp8") or (lay.family == "mx" and lay.bits == 8)
 
 
 def kmajor_supported(pw: PackedWeight) -> str | None:
@@ -347,8 +372,8 @@ def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
     the tensor scale 2^7 in float32: rounded=False gives e2m1 s_b s_t (float64),
     rounded=True what the dequantization kernel (backend "dequant") writes,
     round(float32(e2m1 s_b 2^-7) * float32(s_t 2^7)) in pw.dtype.
-    rounded=False (ints): q * scale + bias unrounded, in float64: what the
-    float32 GEMV (``WeightOnlyConfig(int_f32=True)``) multiplies with; for 4-bit
+    rounded=False (ints, FP8, MXFP8): q * scale + bias (code * scale) unrounded, in
+    float64: what the float32 GEMV (``WeightOnlyConfig(int_f32=True)``) multiplies with; for 4-bit
     codes that includes the GEMV's carry: positions 4..7 of a word (k % 128 >= 64)
     add scale * q(k - 64) / 65536 (see ``_weight_only_triton._f32_codes_asm``).
     """
@@ -365,15 +390,16 @@ def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
         from ..formats.elements import decode
 
         v = decode(unpack_codes_from_layout(pw), _ELEMENT[pw.fmt]).double()
-        s = pw.scales[:, :n].t()[:, g].double()
         if lay.family == "mx":
-            s = torch.exp2(s - 127)
+            s = torch.exp2(mx_exponents(pw)[:, g].double() - 127)
+        else:
+            s = pw.scales[:, :n].t()[:, g].double()
         if lay.family == "nvfp4":
             w = v * s * 2.0 ** -(NVFP4_SHIFT[pw.dtype] + 7)  # e2m1 s_b 2^-7, exact
             w = w * pw.biases.double()  # times the tensor scale 2^7: once in float32 (below) or exact
             return w.float().to(pw.dtype) if rounded else w
-        if lay.bits == 8:  # one float32 rounding of the product, then the cast
-            return (v * s).float().to(pw.dtype)
+        if lay.bits == 8:  # one float32 rounding of the product, then the cast (the float32 GEMV: none)
+            return (v * s).float().to(pw.dtype) if rounded else v * s
         return (v * s).to(pw.dtype)  # mxfp4: exact
     s = pw.scales[:, :n].t()[:, g].double()
     b = pw.biases[:, :n].t()[:, g].double()
