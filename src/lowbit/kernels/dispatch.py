@@ -162,7 +162,8 @@ def cache_key(pw: PackedWeight, n: int, k: int, m: int, dtype: torch.dtype) -> s
     lay = pw.layout
     group = "channel" if lay.group == 0 else f"g{lay.group}"
     dt = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-    return f"{lay.family}{lay.bits}-{group}-{dt}-{n}x{k}-m{m_bucket(m)}"
+    fam = lay.family if lay.family[-1].isdigit() else f"{lay.family}{lay.bits}"  # int4, mx8, fp8, nvfp4
+    return f"{fam}-{group}-{dt}-{n}x{k}-m{m_bucket(m)}"
 
 
 class TuningCache:
