@@ -40,6 +40,7 @@ FORMATS = {
     "fp8-e5m2-b128": ("fp8_e5m2", dict(granularity="block", block_shape=(128, 128))),
     "mxfp8-e4m3": ("mxfp8_e4m3", {}),
     "nvfp4": ("nvfp4", {}),
+    "int2-g64": ("int2", dict(group_size=64)),
 }
 
 
@@ -165,7 +166,7 @@ def test_odd_shapes(name, n, k, m):
     ids=lambda c: (f"{c.mode}-bm{c.block_m}-bn{c.block_n}-s{c.split_k}-w{c.num_warps}-"
                    f"{'stack' if c.stack else 'chunks'}{'-f32' if c.int_f32 else ''}-pf{c.prefetch}"),
 )
-@pytest.mark.parametrize("name", ["int4-g128", "mxfp4", "int8-channel", "nvfp4", "mxfp8-e4m3"])
+@pytest.mark.parametrize("name", ["int4-g128", "mxfp4", "int8-channel", "nvfp4", "mxfp8-e4m3", "int2-g64"])
 def test_explicit_configs(name, config):
     m = 1 if config.mode == "gemv" else 48
     run(name, 4096, 4096, m, bias=True, config=config, backend="triton")

@@ -69,6 +69,9 @@ COMBOS = [
     ("int4", dict(group_size=128, scale_dtype=torch.bfloat16)),
     ("int8", dict(granularity="block", block_shape=(16, 128))),  # one scale per 16 rows
     ("int8", dict(granularity="tensor", symmetric=False, scale_dtype=torch.float16)),
+    ("int2", dict(group_size=64)),
+    ("int2", dict(group_size=32, symmetric=True)),
+    ("int2", dict(granularity="channel")),
     ("fp8_e4m3", {}),
     ("fp8_e5m2", dict(granularity="block", block_shape=(128, 128))),
     ("fp8_e4m3", dict(granularity="tensor", scale_dtype=torch.bfloat16)),
@@ -181,8 +184,9 @@ CONFIGS = [
 
 @pytest.mark.parametrize(
     "fmt,opts",
-    [("int4", dict(group_size=32)), ("int8", dict(group_size=64)), ("mxfp4", {}), ("nvfp4", {}), ("mxfp8_e4m3", {})],
-    ids=["int4-g32", "int8-g64", "mxfp4", "nvfp4", "mxfp8"],
+    [("int4", dict(group_size=32)), ("int8", dict(group_size=64)), ("mxfp4", {}), ("nvfp4", {}), ("mxfp8_e4m3", {}),
+     ("int2", dict(group_size=32))],
+    ids=["int4-g32", "int8-g64", "mxfp4", "nvfp4", "mxfp8", "int2-g32"],
 )
 @pytest.mark.parametrize("config", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
 def test_triton_configs(fmt, opts, config):
@@ -191,8 +195,8 @@ def test_triton_configs(fmt, opts, config):
 
 
 @pytest.mark.parametrize("fmt,opts", [("int4", dict(group_size=64)), ("int8", {}), ("mxfp4", {}), ("nvfp4", {}),
-                                      ("fp8_e4m3", {}), ("mxfp8_e5m2", {})],
-                         ids=["int4-g64", "int8", "mxfp4", "nvfp4", "fp8", "mxfp8-e5m2"])
+                                      ("fp8_e4m3", {}), ("mxfp8_e5m2", {}), ("int2", dict(group_size=64))],
+                         ids=["int4-g64", "int8", "mxfp4", "nvfp4", "fp8", "mxfp8-e5m2", "int2-g64"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_dequant_backend(fmt, opts, dtype):
     """backend='dequant': the dequantization kernel's W^T is kernel_weight bit for
@@ -272,7 +276,7 @@ def test_packing_is_lossless(combo):
             b = -float(1 << (lay.bits - 1)) * s
         else:
             b = -qt.zeros[rows].float() * s
-        kdt = dtype if lay.bits == 4 else torch.float32
+        kdt = dtype if lay.bits <= 4 else torch.float32
         groups = s.shape[1]
         assert pw.scales.dtype == kdt
         assert torch.equal(pw.scales[:groups, :n].t(), s.to(kdt))
@@ -366,7 +370,7 @@ def test_custom_op_and_torch_compile():
     "fmt,opts,needle",
     [
         ("mxfp6_e2m3", {}, "mxfp6_e2m3"),
-        ("int2", {}, "int2"),
+        ("int3", {}, "int3"),
         ("mxint8", {}, "mxint8"),
         ("int4", dict(group_size=48), "groups of 48"),
     ],

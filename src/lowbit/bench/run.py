@@ -62,7 +62,7 @@ from .peers import TOL, Peer, PeerUnavailable, Prepared, bf16_baseline, f64_line
 from .shapes import M_VALUES, Shape, describe_registry, parse_ms, select_shapes
 from .timing import FP8_FLOPS, nominal_weight_bytes, roofline_pct, rotation_copies, time_cuda_graph, time_eager
 
-DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w4-nvfp4", "a16w8-int8", "a16w8-fp8",
+DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w4-nvfp4", "a16w8-int8", "a16w8-fp8", "a16w2-int-g64",
                                     "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128", "a8w8-mxfp8", "a8w4-mxfp4", "a4w4-mxfp4")
 TOP_KEYS: tuple[str, ...] = ("gpu", "date", "commit", "torch", "triton", "rows")
 ROW_KEYS: tuple[str, ...] = ("shape", "n", "k", "m", "method", "us", "speedup_vs_bf16", "roofline_pct", "rel_err")

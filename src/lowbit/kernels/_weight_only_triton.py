@@ -82,6 +82,30 @@ _I4_ASM = {
 }
 
 
+def _i2_asm(ty: str, one: str, off: str, magic: str) -> str:
+    """PTX for one word of 2-bit codes -> its 16 values: pair p (positions p and p + 8)
+    is lop3(word >> 2p, 0x00030003, magic), the code OR-ed into the magic number's
+    mantissa; fma(v, 1, -magic) is the code exactly; one fma applies scale and bias
+    ($18/$20 for p < 4, $19/$21 after; outputs $0..$15, word $16... see the operands)."""
+    lines = ["{", ".reg .b32 a, t, one, off;", f"mov.b32 one, {one};", f"mov.b32 off, {off};"]
+    for p in range(8):
+        src = "$16"
+        if p:
+            lines.append(f"shr.u32 t, $16, {2 * p};")
+            src = "t"
+        sc, bi = ("$17", "$19") if p < 4 else ("$18", "$20")
+        lines += [f"lop3.b32 a, {src}, 0x00030003, {magic}, 0xEA;", f"fma.rn.{ty} a, a, one, off;",
+                  f"fma.rn.{ty} a, a, {sc}, {bi};", f"mov.b32 {{${p}, ${p + 8}}}, a;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_I2_ASM = {
+    "bf16": _i2_asm("bf16x2", "0x3F803F80", "0xC300C300", "0x43004300"),
+    "fp16": _i2_asm("f16x2", "0x3C003C00", "0xE400E400", "0x64006400"),
+}
+
+
 def _to_f32(asm: str, ty: str) -> str:
     """The same PTX with float32 outputs ($0..$7 = "=r"): each bf16x2/f16x2 pair
     a{p} widened (bf16: a shift or a mask; fp16: a conversion)."""
@@ -616,6 +640,61 @@ def _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY: tl.constexpr, GROUP:
     return w0, w1, w2, w3, w4, w5, w6, w7
 
 
+def _dequant2(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP: tl.constexpr, ASM: tl.constexpr, FP16: tl.constexpr,
+              DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Words [R, BLOCK_N] of 2-bit int codes -> the values of positions 0..15 (a tuple of
+    16 tensors [R, BLOCK_N]; ``_stack16`` makes them one [128, BLOCK_N] tile for the MMA,
+    a position's 8 rows being below its depth)."""
+    NG: tl.constexpr = 128 // GROUP if (GROUP > 0 and GROUP < 128) else 1
+    # position j covers K [8 j, 8 j + 8): its group is j // 4 (NG=4), j // 8 (NG=2) or 0;
+    # the PTX pairs position p with p + 8: (s0, s2) for p < 4 and (s1, s3) after (NG=4)
+    if NG == 4:
+        la, ha, lb, hb = s0, s2, s1, s3
+        ma, na, mb, nb = b0, b2, b1, b3
+    elif NG == 2:
+        la, ha, lb, hb = s0, s1, s0, s1
+        ma, na, mb, nb = b0, b1, b0, b1
+    else:
+        la, ha, lb, hb = s0, s0, s0, s0
+        ma, na, mb, nb = b0, b0, b0, b0
+    if ASM:
+        pa = tl.broadcast_to(_pair(la, ha)[None, :], word.shape)
+        pb = tl.broadcast_to(_pair(lb, hb)[None, :], word.shape)
+        qa = tl.broadcast_to(_pair(ma, na)[None, :], word.shape)
+        qb = tl.broadcast_to(_pair(mb, nb)[None, :], word.shape)
+        if FP16:
+            v = tl.inline_asm_elementwise(_I2_ASM_FP16, "=h," * 16 + "r,r,r,r,r", [word, pa, pb, qa, qb],
+                                          dtype=(tl.float16,) * 16, is_pure=True, pack=1)
+        else:
+            v = tl.inline_asm_elementwise(_I2_ASM_BF16, "=h," * 16 + "r,r,r,r,r", [word, pa, pb, qa, qb],
+                                          dtype=(tl.bfloat16,) * 16, is_pure=True, pack=1)
+    else:
+        w0 = _emulate(word, 0, la[None, :], ma[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w1 = _emulate(word, 1, la[None, :], ma[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w2 = _emulate(word, 2, la[None, :], ma[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w3 = _emulate(word, 3, la[None, :], ma[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w4 = _emulate(word, 4, lb[None, :], mb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w5 = _emulate(word, 5, lb[None, :], mb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w6 = _emulate(word, 6, lb[None, :], mb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w7 = _emulate(word, 7, lb[None, :], mb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w8 = _emulate(word, 8, ha[None, :], na[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w9 = _emulate(word, 9, ha[None, :], na[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w10 = _emulate(word, 10, ha[None, :], na[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w11 = _emulate(word, 11, ha[None, :], na[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w12 = _emulate(word, 12, hb[None, :], nb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w13 = _emulate(word, 13, hb[None, :], nb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w14 = _emulate(word, 14, hb[None, :], nb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        w15 = _emulate(word, 15, hb[None, :], nb[None, :], 0, 2, DOT_TY, RNE_BF16)
+        v = (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15)
+    return v
+
+
+def _stack16(v):
+    """The 16 position values of a 2-bit tile -> one [128, BLOCK_N] tile, in K order."""
+    return _stack2(_stack8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]),
+                   _stack8(v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]))
+
+
 def _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP: tl.constexpr,
               ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.constexpr, RNE_BF16: tl.constexpr,
               FAMILY: tl.constexpr = 0, E5M2: tl.constexpr = False):
@@ -767,6 +846,14 @@ def _wo_kernel(
             acc = _acc_chunk(acc, w5, x_base, m_ok, k0 + 5 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
             acc = _acc_chunk(acc, w6, x_base, m_ok, k0 + 6 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
             acc = _acc_chunk(acc, w7, x_base, m_ok, k0 + 7 * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+        elif BITS == 2:  # MMA: always one stacked [128, BLOCK_N] tile; GEMV: per position
+            v = _dequant2(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16)
+            if MODE == 2:
+                for j in tl.static_range(16):
+                    acc = _acc_chunk(acc, v[j], x_base, m_ok, k0 + j * R, offs_r, K, MODE, DOT_TY, EVEN_K)
+            else:
+                tl.static_assert(CAT, "2-bit codes need one stacked tile per MMA (CAT)")
+                acc = _acc_tile(acc, _stack16(v), x_base, m_ok, k0, offs_k, K, MODE, DOT_TY, EVEN_K)
         elif BITS == 8:
             w0, w1, w2, w3 = _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16,
                                        FAMILY, E5M2)
@@ -830,7 +917,11 @@ def _dequant_kernel(
     rows = (t * 128 + offs_r).to(tl.int64)[:, None]
     n_ok = (offs_n < N)[None, :]
     out = out_ptr + rows * N + offs_n[None, :]
-    if BITS == 4:
+    if BITS == 2:
+        w = _stack16(_dequant2(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP, ASM, FP16, DOT_TY, RNE_BF16))
+        krows = (t * 128 + tl.arange(0, 128)).to(tl.int64)[:, None]
+        tl.store(out_ptr + krows * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=n_ok & (krows < K))
+    elif BITS == 4:
         w0, w1, w2, w3, w4, w5, w6, w7 = _dequant4(word, s0, b0, s1, b1, s2, b2, s3, b3, FAMILY, GROUP,
                                                    ASM, FP16, DOT_TY, RNE_BF16)
         if FAMILY == 4:  # nvfp4: times the tensor scale, rounded once more
@@ -923,6 +1014,8 @@ _F8_ASM_E4M3_FP16 = tl.constexpr(_F8_ASM[("e4m3", "fp16")])
 _F8_ASM_E5M2_BF16 = tl.constexpr(_F8_ASM[("e5m2", "bf16")])
 _F8_ASM_E5M2_FP16 = tl.constexpr(_F8_ASM[("e5m2", "fp16")])
 _I8_ASM_BF16 = tl.constexpr(_I8_ASM["bf16"])
+_I2_ASM_BF16 = tl.constexpr(_I2_ASM["bf16"])
+_I2_ASM_FP16 = tl.constexpr(_I2_ASM["fp16"])
 _I8_ASM_FP16 = tl.constexpr(_I8_ASM["fp16"])
 
 
@@ -954,7 +1047,7 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _mx_scale, _fp8_value, _times, _gemv_fp8_tile, _gemv_x, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
+_HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _mx_scale, _dequant2, _stack16, _fp8_value, _times, _gemv_fp8_tile, _gemv_x, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
                                     _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile,
                                     _gemv_chunk, _gemv_flush, _gemv_int_tile, _sel4, _gemv_pos,
                                     _f32_codes_emulated)}
@@ -981,7 +1074,7 @@ def _kernels():
 
 _REDUCE_BLOCK = 1024
 MODES = {"gemm": 0, "swap": 1, "gemv": 2}
-_FAMILY_CODES = {("int", 4): 0, ("int", 8): 0, ("mx", 4): 1, ("fp8", 8): 2, ("mx", 8): 3, ("nvfp4", 4): 4}
+_FAMILY_CODES = {("int", 2): 0, ("int", 4): 0, ("int", 8): 0, ("mx", 4): 1, ("fp8", 8): 2, ("mx", 8): 3, ("nvfp4", 4): 4}
 
 
 def family_code(lay) -> int:
@@ -1061,7 +1154,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         DOT_TY=_dot_type(x2.dtype),
         RNE_BF16=rne,
         EVEN_K=k % 128 == 0,
-        CAT=cfg.stack and cfg.mode != "gemv",
+        CAT=(cfg.stack or lay.bits == 2) and cfg.mode != "gemv",  # 2-bit MMA: always one stacked tile
         INT_F32=cfg.mode == "gemv" and cfg.int_f32,
         PREFETCH=cfg.prefetch,
         E5M2=pw.fmt.endswith("e5m2"),

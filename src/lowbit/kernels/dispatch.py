@@ -280,7 +280,7 @@ def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32,
     out: list = []
     if m == 1:
         # integer and FP8 codes: the float32 GEMV (the 16-bit one as a fallback below)
-        f32 = fmt_family in ("int", "fp8") or (fmt_family == "mx" and bits == 8)
+        f32 = (fmt_family == "int" and bits in (4, 8)) or fmt_family == "fp8" or (fmt_family == "mx" and bits == 8)
         for (bn, warps), pf, split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (1, 2),
                                                         (1, 2, 4, 6, 8)):
             out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf))

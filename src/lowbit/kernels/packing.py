@@ -13,7 +13,7 @@ The Triton layout (``Layout`` describes it):
   of ``N_ALIGN``, so the kernels load whole tiles without masks.
 - Codes are 32-bit words, ``codes[w, n]`` (int32 [kpad * bits / 32, npad]),
   N-contiguous so that a row of words is one coalesced load. A K tile is
-  ``R`` = 1024 / bits word rows (16 for 4-bit, 32 for 8-bit); the code at
+  ``R`` = 4 x bits word rows (8 for 2-bit, 16 for 4-bit, 32 for 8-bit); the code at
   position j of word row r of tile t (nibble or byte j, from the low bits up)
   is element ``k = t*128 + j*R + r``. So position j of all R rows of a tile is
   the contiguous K chunk [t*128 + j*R, t*128 + (j+1)*R): the kernel turns each
@@ -23,7 +23,7 @@ The Triton layout (``Layout`` describes it):
   pattern with the top bit flipped) and the offset moves into the bias below.
 - Int scales become one (scale, bias) pair per group, ``w = q * scale + bias``
   with ``bias = -zero * scale`` (``-2^(b-1) * scale`` when symmetric), both
-  [groups, npad]. For 4-bit weights they are rounded to the activation dtype
+  [groups, npad]. For 2- and 4-bit weights they are rounded to the activation dtype
   (``dtype``, bf16 or fp16): the kernel dequantizes two values per
   instruction in that dtype (``fma.rn.bf16x2``), so each weight value is
   ``round(q * scale + bias)`` with scale and bias rounded first: a relative
@@ -54,7 +54,7 @@ from ..formats import QTensor
 
 N_ALIGN = 256  # npad is a multiple of this: every BLOCK_N up to 256 tiles it
 TILE_K = 128  # K elements per tile of words
-TRITON_FORMATS = ("int4", "int8", "mxfp4", "nvfp4", "fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3", "mxfp8_e5m2")
+TRITON_FORMATS = ("int2", "int4", "int8", "mxfp4", "nvfp4", "fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3", "mxfp8_e5m2")
 # the element each non-integer format's codes decode with (lowbit.formats.elements)
 _ELEMENT = {"mxfp4": "fp4_e2m1", "nvfp4": "fp4_e2m1", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2",
             "mxfp8_e4m3": "fp8_e4m3", "mxfp8_e5m2": "fp8_e5m2"}
@@ -160,7 +160,7 @@ def _triton_layout(qt: QTensor, dtype: torch.dtype) -> tuple[Layout | None, str 
     kpad = -(-k // TILE_K) * TILE_K
     if n * k >= 2**33:
         return None, f"a weight of {n * k} elements: the Triton kernels index codes with 32-bit offsets (< 2^33 elements)"
-    if spec.family == "int" and spec.bits in (4, 8):
+    if spec.family == "int" and spec.bits in (2, 4, 8):
         group, why = _group_of(qt)
         if why:
             return None, why
@@ -254,7 +254,7 @@ def _int_scales(qt: QTensor, lay: Layout, dtype: torch.dtype) -> tuple[torch.Ten
         b = -float(1 << (lay.bits - 1)) * s
     else:
         b = -_rows(qt.zeros, qt).float() * s
-    kdt = dtype if lay.bits == 4 else torch.float32
+    kdt = dtype if lay.bits <= 4 else torch.float32
     groups = 1 if lay.group == 0 else -(-lay.kpad // lay.group)
     return _pad2(s.to(kdt).t(), groups, lay.npad), _pad2(b.to(kdt).t(), groups, lay.npad)
 
@@ -308,8 +308,8 @@ def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -
 
 def has_f32_gemv(lay: Layout) -> bool:
     """Whether the float32 GEMV (``WeightOnlyConfig(int_f32=True)``) takes this layout:
-    integer codes, FP8 and MXFP8."""
-    return lay.family in ("int", "fp8") or (lay.family == "mx" and lay.bits == 8)
+    4- and 8-bit integer codes, FP8 and MXFP8."""
+    return (lay.family == "int" and lay.bits in (4, 8)) or lay.family == "fp8" or (lay.family == "mx" and lay.bits == 8)
 
 
 def kmajor_supported(pw: PackedWeight) -> str | None:
