@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .packing import has_f32_gemv
+
 # ---- inline PTX: one 32-bit word of codes -> its 8 (4-bit) or 4 (8-bit) values
 
 _I4_BODY = """
@@ -1155,7 +1157,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         RNE_BF16=rne,
         EVEN_K=k % 128 == 0,
         CAT=(cfg.stack or lay.bits == 2) and cfg.mode != "gemv",  # 2-bit MMA: always one stacked tile
-        INT_F32=cfg.mode == "gemv" and cfg.int_f32,
+        INT_F32=cfg.mode == "gemv" and cfg.int_f32 and has_f32_gemv(lay),  # else the 16-bit GEMV
         PREFETCH=cfg.prefetch,
         E5M2=pw.fmt.endswith("e5m2"),
         num_warps=cfg.num_warps,
