@@ -210,6 +210,8 @@ def test_auto_plans(caplog):
             weight_only_matmul(torch.randn(m, 4096, device="cuda").bfloat16(), pw)
     text = caplog.text
     assert "M=1 " in text and "gemv" in text and "swap" in text and "gemm" in text and "dequant" in text
+    two, _ = packed("int2-g64", 4096, 4096)
+    assert dispatch.plan(16, 4096, 4096, two, torch.device("cuda"), torch.bfloat16).kernel == "dequant"
     nv = pack_weight(quantize_tensor(torch.randn(64, 256, device="cuda"), "mxfp6_e2m3"))  # no kernel
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="lowbit.kernels"):

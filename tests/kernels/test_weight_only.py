@@ -325,6 +325,22 @@ def test_default_plan_by_m():
     assert [dispatch.m_bucket(m) for m in (1, 2, 3, 17, 8192, 10000)] == [1, 2, 4, 32, 8192, 8192]
 
 
+def test_two_bit_codes_plan_dequant_from_m2(monkeypatch, tmp_path):
+    """On CUDA, 2-bit codes take the GEMV at M = 1 and dequantize + cuBLAS above (their
+    MMA kernels measured slower); 4-bit codes keep the default rule's MMA kernels."""
+    monkeypatch.setattr(dispatch, "gpu_name", lambda device: "Some GPU")
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 132)
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    dispatch.forget_loaded_caches()
+    cuda = torch.device("cuda")
+    two = pack_weight(quantize_tensor(torch.randn(256, 4096), "int2", group_size=64))
+    four = pack_weight(quantize_tensor(torch.randn(256, 4096), "int4"))
+    for m, kernel in ((1, "triton"), (2, "dequant"), (16, "dequant"), (128, "dequant"), (1024, "dequant")):
+        assert dispatch.plan(m, 28672, 4096, two, cuda, torch.bfloat16).kernel == kernel, m
+    assert dispatch.plan(16, 28672, 4096, four, cuda, torch.bfloat16).kernel == "triton"
+    dispatch.forget_loaded_caches()
+
+
 def test_tuning_cache_round_trip(tmp_path, monkeypatch, caplog):
     """A tuned entry overrides the default for its (format, dtype, shape, M bucket);
     a cache written for another GPU or version is ignored with a warning."""

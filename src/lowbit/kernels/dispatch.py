@@ -27,6 +27,9 @@ The decision, in order:
               buffer, then cuBLAS (the fused GEMM is slower here)
    =========  ==========================================================
 
+   2-bit codes take ``dequant`` from M = 2 on: their MMA kernels measured
+   2-3x slower than it on the H200 at M = 16 and 128 (scripts/int2_probe.py).
+
 M buckets: 1, then powers of two up to 8192 (M is rounded up). The choice is
 logged at debug level (logger ``lowbit.kernels``) with its source, once per
 (shape, bucket). Everything here is a pure function of shapes and device
@@ -259,6 +262,9 @@ def plan(m: int, n: int, k: int, pw: PackedWeight, device: torch.device, dtype: 
             sms = num_sms(device)
             if m >= DEQUANT_FROM_M and device.type == "cuda":
                 p = Plan("dequant", None, "default", f"M={m} >= {DEQUANT_FROM_M}: dequantize + cuBLAS")
+            elif m > 1 and pw.layout.bits == 2 and device.type == "cuda":
+                p = Plan("dequant", None, "default", f"M={m}, 2-bit codes: dequantize + cuBLAS "
+                         "(their MMA kernels measured 2-3x slower, scripts/int2_probe.py)")
             else:
                 cfg = default_config(m, n, k, pw, sms)
                 p = Plan("triton", cfg, "default", f"M={m}: {cfg.mode}")
