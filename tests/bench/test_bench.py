@@ -199,7 +199,7 @@ def test_cpu_dry_run_builds_rows_and_files(tmp_path):
     result = run_bench(
         shapes="96x256",
         ms=[1, 3],
-        recipes=["a16w4-int-g128", "a8w8-int8", "a4w4-nvfp4"],
+        recipes=["a16w4-int-g128", "a8w8-int8", "a4w4-nvfp4", "a8w6-mxfp6"],
         peers=None,
         out_dir=str(tmp_path),
         device="cpu",
@@ -209,7 +209,8 @@ def test_cpu_dry_run_builds_rows_and_files(tmp_path):
         log=logs.append,
     )
     by = {(r["method"], r["m"]): r for r in result}
-    assert set(by) == {(m, b) for m in ("bf16", "lowbit:a16w4-int-g128", "lowbit:a8w8-int8") for b in (1, 3)}
+    assert set(by) == {(m, b) for m in ("bf16", "lowbit:a16w4-int-g128", "lowbit:a8w8-int8", "lowbit:a4w4-nvfp4")
+                       for b in (1, 3)}
     for r in result:
         assert list(r) == list(ROW_KEYS)
         assert (r["shape"], r["n"], r["k"]) == ("custom.96x256", 96, 256)
@@ -220,13 +221,13 @@ def test_cpu_dry_run_builds_rows_and_files(tmp_path):
     )
     assert not result.failed
     reasons = {s["method"]: s["reason"] for s in result.skipped}
-    assert "no A8W8 kernel" in reasons["lowbit:a4w4-nvfp4"]
+    assert "no MX kernel" in reasons["lowbit:a8w6-mxfp6"]
     for peer in PEERS.values():
         assert "CUDA" in reasons[peer.method]
     doc = json.loads((tmp_path / "cpu.json").read_text())
-    assert list(doc) == list(TOP_KEYS) and len(doc["rows"]) == 6 and doc["torch"] == torch.__version__
+    assert list(doc) == list(TOP_KEYS) and len(doc["rows"]) == 8 and doc["torch"] == torch.__version__
     md = (tmp_path / "cpu.md").read_text()
-    assert "pytest dry run" in md and "## Skipped" in md and "no A8W8 kernel" in md
+    assert "pytest dry run" in md and "## Skipped" in md and "no MX kernel" in md
 
 
 def test_a_recipe_the_backend_cannot_run_is_skipped_not_a_crash(monkeypatch):

@@ -70,7 +70,7 @@ def test_mx_gemm_equals_the_exact_product(wfmt, afmt, m, cfg):
 def test_quantlinear_runs_mx_recipes():
     from torch import nn
 
-    for recipe in ("a8w4-mxfp4", "a4w4-mxfp4", "a8w8-mxfp8"):
+    for recipe in ("a8w4-mxfp4", "a4w4-mxfp4", "a8w8-mxfp8", "a4w4-nvfp4"):
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(512, 384), nn.GELU(), nn.Linear(384, 256)).cuda().to(torch.bfloat16)
         quantize_(m, recipe, progress=False)
@@ -132,3 +132,22 @@ def test_mx_upcast_matmul_equals_the_exact_product(afmt, m):
         # dequantize + cuBLAS (large M) may sum in the 16-bit type like the reference: loose there
         tol = eps * exact.abs() + (1e-5 if m < 1024 else 2.0**-9) * s
         assert bool((err <= tol).all()), (n, k, m, float((err / s.clamp_min(1e-30)).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(5, 333), (300, 4096)])
+def test_nvfp4_fake_quantize_bit_exact(dtype, m, k):
+    """NVFP4 activations on CUDA: (e2m1 * s_b) * s_t in float32 is lowbit.formats'
+    fake_quantize(x, "nvfp4") bit for bit (the E4M3 scale from the hardware conversion,
+    the divisions correctly rounded)."""
+    from lowbit.formats import fake_quantize
+    from lowbit.kernels.act_quant import fake_quantize_activation_nvfp4
+
+    x = _x(m, k, dtype, seed=k + 3)
+    x[0, :16] = 0.0
+    x[1, :5] = -0.0
+    local, s_t = fake_quantize_activation_nvfp4(x)
+    got = local.float() * s_t
+    ref = fake_quantize(x, "nvfp4").float()
+    assert int((got != ref).sum()) == 0, f"{int((got != ref).sum())} values differ"
+    assert bool((torch.signbit(got) == torch.signbit(ref)).all())

@@ -180,3 +180,56 @@ def test_mx_fake_quantize_custom_op_keeps_leading_dims():
     assert _nan_equal(got, fake_quantize(x.reshape(6, 70), "mxfp4").to(x.dtype).reshape(2, 3, 70))
     with pytest.raises(ValueError, match="MX activation format"):
         mx_fake_quantize(x, "nvfp4")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(5, 301), (1, 4096), (3, 16)])
+def test_nvfp4_fake_quantize_equals_the_reference(dtype, m, k):
+    """NVFP4 activations (a4w4-nvfp4 without FP4 tensor cores): e2m1 * s_b in x's dtype and
+    the tensor scale s_t, whose float32 product is lowbit.formats.fake_quantize(x, "nvfp4")
+    bit for bit (signs of -0.0 included), for a wide-range x with a zero block."""
+    from lowbit.formats import fake_quantize
+    from lowbit.kernels.act_quant import fake_quantize_activation_nvfp4
+
+    x = _x(m, k, dtype, seed=k)
+    x[0, :16] = 0.0
+    x[-1, -3:] = -0.0
+    for backend in ("triton", "reference"):
+        local, s_t = fake_quantize_activation_nvfp4(x, backend)
+        assert local.dtype == dtype and local.shape == x.shape and s_t.shape == (1,) and s_t.dtype == torch.float32
+        got = local.float() * s_t
+        ref = fake_quantize(x, "nvfp4").float()
+        assert torch.equal(got, ref), f"{backend}: {int((got != ref).sum())} values differ"
+        assert torch.equal(torch.signbit(got), torch.signbit(ref))
+    local, s_t = fake_quantize_activation_nvfp4(torch.zeros(2, 40, dtype=dtype))  # s_t = 0: all zero
+    assert float(s_t) == 0.0 and not bool(local.any())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5])
+def test_nvfp4_upcast_matmul_equals_the_exact_product(dtype, m):
+    """a4w4-nvfp4 without FP4 tensor cores: the activations' e2m1 * s_b times the NVFP4
+    weight through the weight-only kernel, both tensor scales on the sums, against float64;
+    and the custom op keeps leading dimensions."""
+    from lowbit.formats import fake_quantize
+    from lowbit.kernels import pack_weight
+    from lowbit.kernels.mx import nvfp4_upcast_matmul
+    from lowbit.kernels.ops import nvfp4_fake_quantize
+
+    n, k = 70, 300
+    g = torch.Generator().manual_seed(m)
+    qt = quantize_tensor(torch.randn(n, k, generator=g) * 0.05, "nvfp4")
+    pw = pack_weight(qt, dtype=dtype)
+    x = _x(m, k, dtype, seed=m)
+    bias = torch.randn(n, generator=g).to(dtype)
+    y = nvfp4_upcast_matmul(x.reshape(1, m, k), pw, bias, backend="triton")
+    assert y.shape == (1, m, n) and y.dtype == dtype
+    a = fake_quantize(x, "nvfp4").double()
+    w = qt.dequantize().double()
+    exact, s = a @ w.T + bias.double(), a.abs() @ w.abs().T + bias.double().abs()
+    eps = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    assert bool(((y[0].double() - exact).abs() <= eps * exact.abs() + 1e-6 * s).all())
+    local, s_t = nvfp4_fake_quantize(x.reshape(1, m, k))
+    assert local.shape == (1, m, k) and torch.equal(local.float() * s_t, a.float().reshape(1, m, k))
+    with pytest.raises(ValueError, match="NVFP4 weight"):
+        nvfp4_upcast_matmul(x, pack_weight(quantize_tensor(torch.randn(n, k), "mxfp4"), dtype=dtype))

@@ -63,7 +63,8 @@ from .shapes import M_VALUES, Shape, describe_registry, parse_ms, select_shapes
 from .timing import FP8_FLOPS, nominal_weight_bytes, roofline_pct, rotation_copies, time_cuda_graph, time_eager
 
 DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w4-nvfp4", "a16w8-int8", "a16w8-fp8", "a16w2-int-g64",
-                                    "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128", "a8w8-mxfp8", "a8w4-mxfp4", "a4w4-mxfp4")
+                                    "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128", "a8w8-mxfp8", "a8w4-mxfp4", "a4w4-mxfp4",
+                                    "a4w4-nvfp4")
 TOP_KEYS: tuple[str, ...] = ("gpu", "date", "commit", "torch", "triton", "rows")
 ROW_KEYS: tuple[str, ...] = ("shape", "n", "k", "m", "method", "us", "speedup_vs_bf16", "roofline_pct", "rel_err")
 DEFAULT_L2 = 50 * 2**20
@@ -93,6 +94,8 @@ def lowbit_method(recipe: str, w: torch.Tensor, backend: str = "auto") -> Prepar
 
         if rc.activation.fmt in ACT_FORMATS:
             return mx_method(recipe, rc, w, backend)
+        if rc.activation.fmt == "nvfp4":
+            return nvfp4_method(recipe, rc, w, backend)
         return a8w8_method(recipe, rc, w, backend)
     try:
         from ..kernels import pack_weight, weight_only_matmul, weight_only_matmul_reference
@@ -169,6 +172,46 @@ def a8w8_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prep
                         "against float64)",
         first=bind(pa),
         extra_checks=[("a8w8_reference vs float64", vs_float64)],
+    )
+
+
+def nvfp4_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepared:
+    """a4w4-nvfp4 as QuantLinear runs it without FP4 tensor cores (Hopper): the NVFP4
+    activations' e2m1 * s_b (exact in x's dtype) through the weight-only kernels, the
+    tensor scales applied to the sums (``kernels.mx.nvfp4_upcast_matmul``); the
+    activation quantization (a tensor amax, then one pass) is inside every timing."""
+    from ..formats import fake_quantize, quantize_tensor
+    from ..kernels import pack_weight, weight_only_matmul_reference
+    from ..kernels.mx import nvfp4_upcast_matmul
+
+    qt = quantize_tensor(w, rc.weight_fmt, **rc.weight_options)
+    if qt.fmt != "nvfp4":
+        raise PeerUnavailable(f"no kernel for {recipe}: NVFP4 activations with {qt.fmt} weights")
+    device = w.device
+    pw = pack_weight(qt, device)
+    if not pw.triton_supported:
+        raise PeerUnavailable(f"the Triton kernels do not run it ({pw.unsupported})")
+    w64_cache: list = []
+
+    def bind(p):
+        return lambda x: nvfp4_upcast_matmul(x, p, backend=backend)
+
+    def reference(x):
+        return weight_only_matmul_reference(fake_quantize(x, "nvfp4").to(x.dtype), pw).double()
+
+    def vs_float64(x, y_ref):
+        if not w64_cache:
+            w64_cache.append(qt.dequantize().double())
+        return rel_err(y_ref, f64_linear(fake_quantize(x, "nvfp4").double(), w64_cache[0]))
+
+    return Prepared(
+        method=f"lowbit:{recipe}",
+        make=lambda: bind(pack_weight(qt, device)),
+        reference=reference,
+        weight_bytes=nominal_weight_bytes(qt),
+        checked_against="weight_only_matmul_reference of the NVFP4-quantized x (cross-checked against float64)",
+        first=bind(pw),
+        extra_checks=[("reference vs float64", vs_float64)],
     )
 
 

@@ -284,6 +284,42 @@ def _mx_act_quant_kernel(
         tl.store(q_ptr + row * KQ + k, c.to(tl.uint8), mask=blk_ok[:, None])
 
 
+def _nvfp4_act_kernel(
+    x_ptr, st_ptr, out_ptr, K, stride_xm,
+    BLOCKS: tl.constexpr,  # 16-element blocks per program
+    EMULATE: tl.constexpr,
+    RNE_BF16: tl.constexpr = False,
+):
+    """NVFP4 activations (FORMATS.md), given the tensor scale s_t (float32 [1] at st_ptr,
+    amax / (6 * 448) of the whole x): per 16-element block s_b = E4M3(amax_block / (6 s_t))
+    and codes E2M1(x / (s_b s_t)), each division correctly rounded, as lowbit.formats does.
+    Writes e2m1 * s_b in x's dtype (at most 6 significant bits in [2^-10, 2688]: exact in
+    bf16 and fp16); the caller multiplies the product by s_t. Finite x only."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    k = blk[:, None] * 16 + tl.arange(0, 16)[None, :]  # [BLOCKS, 16]
+    x = _load_f32(x_ptr + row * stride_xm + k, k < K, EMULATE)
+    s_t = tl.load(st_ptr + tl.arange(0, 1))  # [1]
+    six = 6.0 * s_t
+    nonzero = six > 0  # an all-zero x has s_t = 0: every block scale is 0
+    bamax = tl.max(tl.abs(x), axis=1)
+    ratio = tl.where(nonzero, _div(bamax, tl.where(nonzero, six, 1.0), EMULATE), 0.0)
+    if EMULATE:
+        sc = _e4m3_bits(ratio, EMULATE)
+    else:
+        sc = ratio.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    s_b = _e4m3_decode(sc)
+    denom = s_b * s_t
+    ok = denom > 0
+    q = tl.where(ok[:, None], _div(x, tl.where(ok, denom, 1.0)[:, None], EMULATE), 0.0)
+    val = _e2m1_value(_e2m1_bits(q)) * s_b[:, None]
+    if RNE_BF16:  # the interpreter: store the bits (exact values, so no rounding happens)
+        bits = (val.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+        tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + row * K + k, bits, mask=k < K)
+    else:
+        tl.store(out_ptr + row * K + k, val.to(out_ptr.dtype.element_ty), mask=k < K)
+
+
 _HELPERS = {f.__name__: f for f in (_load_f32, _e4m3_bits, _e2m1_bits, _e2m1_value, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode)}
 _JITTED: dict[bool, object] = {}
 
@@ -306,7 +342,8 @@ def kernel():
     if mode not in _JITTED:
         _JITTED[mode] = (triton.jit(_act_quant_kernel, do_not_specialize=["K", "KQ", "n_groups"]),
                          triton.jit(_chunk_amax_kernel, do_not_specialize=["K", "n_chunks"]),
-                         triton.jit(_mx_act_quant_kernel, do_not_specialize=["K", "KQ", "n_blocks"]))
+                         triton.jit(_mx_act_quant_kernel, do_not_specialize=["K", "KQ", "n_blocks"]),
+                         triton.jit(_nvfp4_act_kernel, do_not_specialize=["K"]))
     wo._kernels()  # _round_to_bf16, wrapped for this mode
     globals().update(helpers())
     globals()["_round_to_bf16"] = wo._round_to_bf16

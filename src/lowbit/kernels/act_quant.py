@@ -238,3 +238,41 @@ def fake_quantize_activation_mx(x: torch.Tensor, fmt: str, backend: str = "trito
             EMULATE=interp, DEQUANT=True, RNE_BF16=interp and x.dtype == torch.bfloat16, num_warps=1)
     return out
 
+
+def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4's tensor scale of x: amax(|x|) / (6 * 448), float32 [1], on x's device
+    (torch ops, no host synchronisation)."""
+    amax = x.abs().amax().float().reshape(1) if x.numel() else torch.zeros(1, device=x.device)
+    return amax / torch.full_like(amax, 6.0 * 448.0)  # a tensor divisor: correctly rounded on CUDA too
+
+
+def fake_quantize_activation_nvfp4(x: torch.Tensor, backend: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16/fp16 (finite) -> (e2m1 * s_b in x's dtype [M, K], s_t float32 [1]):
+    NVFP4 with the tensor scale factored out. e2m1 * s_b (at most 6 significant bits,
+    between 2^-10 and 2688) is exact in bf16 and fp16, and (e2m1 * s_b) * s_t in float32
+    is ``lowbit.formats.fake_quantize(x, "nvfp4")`` bit for bit, so a 16-bit matmul of the
+    first with a weight, times s_t, is the a4w4-nvfp4 product (how NVFP4 activations run
+    without FP4 tensor cores: QuantLinear, Hopper)."""
+    _check_x(x)
+    s_t = nvfp4_tensor_scale(x)
+    if backend == "reference":
+        from ..formats import nvfp4
+
+        values, codes, _ = nvfp4.quantize(x.float())
+        r, k = x.shape
+        s_b = nvfp4.tiles.expand(nvfp4.elements.decode(codes, nvfp4.E4M3), (1, nvfp4.BLOCK), r, k)
+        return (values * s_b).to(x.dtype), s_t
+    from . import _act_quant_triton as aq
+    from ._weight_only_triton import interpret_mode
+
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    if m and k:
+        blocks = 8  # 128 elements per program
+        interp = interpret_mode()
+        aq.kernel()[3][(m, -(-k // (16 * blocks)))](
+            x, s_t, out, k, x.stride(0), BLOCKS=blocks, EMULATE=interp,
+            RNE_BF16=interp and x.dtype == torch.bfloat16, num_warps=1)
+    return out, s_t

@@ -191,3 +191,27 @@ def mx_upcast_matmul(x: torch.Tensor, pw, act_fmt: str, bias: torch.Tensor | Non
     kb = "reference" if backend == "reference" else "triton"
     xq = act_quant.fake_quantize_activation_mx(x.reshape(-1, pw.k), act_fmt, kb)
     return weight_only_matmul(xq.reshape(x.shape), pw, bias, backend=backend)
+
+
+def nvfp4_upcast_matmul(x: torch.Tensor, pw, bias: torch.Tensor | None = None,
+                        backend: str = "auto") -> torch.Tensor:
+    """y = nvfp4_quantize(x) @ W^T (+ bias) for an NVFP4 weight packed for the weight-only
+    kernels (``pack_weight(qt, dtype=x.dtype)``, a4w4-nvfp4) on GPUs without FP4 tensor
+    cores: the activations' e2m1 * s_b, exact in x's dtype
+    (``act_quant.fake_quantize_activation_nvfp4``), through ``weight_only_matmul`` with the
+    activations' tensor scale folded into the weight's (the kernels multiply the float32
+    sums by it). Where the Triton kernels cannot run (or backend="reference"): the
+    reference, NVFP4-quantized x times the dequantized weight."""
+    from dataclasses import replace
+
+    from ..formats import fake_quantize
+    from .weight_only import triton_unsupported, weight_only_matmul
+
+    if pw.fmt != "nvfp4":
+        raise ValueError(f"nvfp4_upcast_matmul takes an NVFP4 weight, got {pw.fmt}")
+    check_matmul_args(x, pw.n, pw.k, bias, "NVFP4 upcast")
+    if backend == "reference" or triton_unsupported(x, pw) is not None:
+        xq = fake_quantize(x.reshape(-1, pw.k), "nvfp4").to(x.dtype).reshape(x.shape)
+        return weight_only_matmul(xq, pw, bias, backend="reference")
+    local, s_t = act_quant.fake_quantize_activation_nvfp4(x.reshape(-1, pw.k))
+    return weight_only_matmul(local.reshape(x.shape), replace(pw, biases=pw.biases * s_t), bias, backend=backend)

@@ -125,3 +125,22 @@ def _(x, fmt):
 def mx_fake_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """x's MX-quantized values (floor rule), dequantized in x's dtype, through the custom op."""
     return torch.ops.lowbit.mx_fake_quantize(x, fmt)
+
+
+@torch.library.custom_op("lowbit::nvfp4_fake_quantize", mutates_args=())
+def _nvfp4_fake_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .act_quant import fake_quantize_activation_nvfp4
+
+    local, s_t = fake_quantize_activation_nvfp4(x.reshape(-1, x.shape[-1]))
+    return local.reshape(x.shape), s_t
+
+
+@_nvfp4_fake_quantize.register_fake
+def _(x):
+    return torch.empty_like(x), x.new_empty((1,), dtype=torch.float32)
+
+
+def nvfp4_fake_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's NVFP4 values with the tensor scale factored out, in x's dtype, and that scale
+    (float32 [1]): ``act_quant.fake_quantize_activation_nvfp4`` through the custom op."""
+    return torch.ops.lowbit.nvfp4_fake_quantize(x)

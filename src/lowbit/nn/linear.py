@@ -42,8 +42,10 @@ class QuantLinear(nn.Module):
     (``torch.ops.lowbit.mx_linear``, tl.dot_scaled) on GPUs with block-scaled MMA,
     and elsewhere (Hopper) the MX recipes as MX activations dequantized
     exactly (``torch.ops.lowbit.mx_fake_quantize``) times the weight through the
-    weight-only kernels, and everything else (CPU,
-    float32, NVFP4 activations, formats without a kernel) through the reference.
+    weight-only kernels (a4w4-nvfp4 likewise, with NVFP4 activations: e2m1 times the
+    block scale exactly, ``torch.ops.lowbit.nvfp4_fake_quantize``, the tensor scale
+    applied to the sums), and everything else (CPU, float32, formats without a kernel)
+    through the reference.
 
     T is the input transform that AWQ/SmoothQuant and rotations leave behind when
     they cannot fold it into the preceding operation, applied before activation
@@ -216,21 +218,30 @@ class QuantLinear(nn.Module):
             if pw.triton_supported:
                 from ..kernels.ops import mx_fake_quantize, weight_only_linear
 
-                if self.activation.fmt is not None:  # MX activations, dequantized exactly (mx_upcast_matmul)
+                if self.activation.fmt == "nvfp4":  # e2m1 * s_b exactly; s_t on the sums (nvfp4_upcast_matmul)
+                    from dataclasses import replace
+
+                    from ..kernels.ops import nvfp4_fake_quantize
+
+                    x, s_t = nvfp4_fake_quantize(x)
+                    pw = replace(pw, biases=pw.biases * s_t)
+                elif self.activation.fmt is not None:  # MX activations, dequantized exactly (mx_upcast_matmul)
                     x = mx_fake_quantize(x, self.activation.fmt)
                 return weight_only_linear(x, pw, b)
         w = self.dequantized_weight(x.dtype)
         return F.linear(self.quantize_activation(x), w, b)
 
     def _kernel_applies(self, x: torch.Tensor) -> bool:
-        """backend "auto" on CUDA, bf16/fp16 input, a weight-only recipe or MX activations
-        (floor rule; on GPUs without block-scaled MMA, ``lowbit.kernels.mx.mx_upcast_matmul``):
-        the weight-only kernels, where they take the weight."""
+        """backend "auto" on CUDA, bf16/fp16 input, a weight-only recipe, MX activations
+        (floor rule; on GPUs without block-scaled MMA, ``lowbit.kernels.mx.mx_upcast_matmul``)
+        or a4w4-nvfp4 (``lowbit.kernels.mx.nvfp4_upcast_matmul``): the weight-only kernels,
+        where they take the weight."""
         from ..kernels.mx import upcast_activation_applies
 
         act = self.activation
+        nvfp4 = act.fmt == "nvfp4" and not act.options and self.fmt == "nvfp4"  # a4w4-nvfp4
         return (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-                and (act.fmt is None or upcast_activation_applies(act.fmt, act.options)))
+                and (act.fmt is None or nvfp4 or upcast_activation_applies(act.fmt, act.options)))
 
     def _a8w8_applies(self, x: torch.Tensor) -> bool:
         """backend "auto" on CUDA, bf16/fp16 input, an a8w8-fp8/int8 recipe whose
