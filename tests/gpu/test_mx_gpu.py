@@ -82,12 +82,21 @@ def test_quantlinear_runs_mx_recipes():
         # without block-scaled MMA: the upcast path (MX activations times the weight-only kernels)
         assert m[0]._kernel_applies(x) and m[0].packed_weight(x.dtype).triton_supported
         y = m(x)
-        for mod in m.modules():
-            if hasattr(mod, "backend"):
-                mod.backend = "reference"
-        y_ref = m(x)
-        err = float((y.float() - y_ref.float()).abs().max() / y_ref.float().abs().max())
-        assert err < 2e-2, (recipe, err)
+        assert y.shape == (3, 7, 256) and bool(torch.isfinite(y).all())
+        # layer by layer on the same input: end to end, a 4-bit activation grid turns the
+        # bf16-level differences of one layer's output into rounding flips in the next
+        # (a4w4-nvfp4 reached 4e-2 over two layers, 7e-3 per layer, reproduced on the CPU)
+        h = x
+        for layer in m:
+            if not hasattr(layer, "backend"):
+                h = layer(h)
+                continue
+            layer.backend = "auto"
+            y_k = layer(h)
+            layer.backend = "reference"
+            h = layer(h)
+            err = float((y_k.float() - h.float()).abs().max() / h.float().abs().max())
+            assert err < 2e-2, (recipe, err)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4"])
