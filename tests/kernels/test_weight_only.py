@@ -75,6 +75,7 @@ COMBOS = [
     ("fp8_e4m3", {}),
     ("fp8_e5m2", dict(granularity="block", block_shape=(128, 128))),
     ("fp8_e4m3", dict(granularity="tensor", scale_dtype=torch.bfloat16)),
+    ("fp8_e5m2", dict(group_size=64)),
     ("mxfp8_e4m3", {}),
     ("mxfp8_e5m2", {}),
     ("nvfp4", {}),
@@ -443,9 +444,10 @@ def test_pack_weight_validates():
                                       ("int8", {}), ("int8", dict(group_size=32, symmetric=False)),
                                       ("int8", dict(group_size=64)), ("fp8_e4m3", {}),
                                       ("fp8_e5m2", dict(granularity="block", block_shape=(128, 128))),
+                                      ("fp8_e4m3", dict(group_size=64)), ("fp8_e4m3", dict(group_size=32)),
                                       ("mxfp8_e4m3", {}), ("mxfp8_e5m2", {})],
                          ids=["int4-g32", "int4-g64-sym", "int4-g256", "int4-channel", "int8", "int8-g32", "int8-g64",
-                              "fp8", "fp8-e5m2-b128", "mxfp8", "mxfp8-e5m2"])
+                              "fp8", "fp8-e5m2-b128", "fp8-g64", "fp8-g32", "mxfp8", "mxfp8-e5m2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_float32_int_gemv(fmt, opts, dtype):
     """The float32 integer GEMV (codes as float32 C + q, scale and bias applied once

@@ -447,8 +447,9 @@ def _gemv_int_tile(acc, word, s0, b0, s1, b1, s2, b2, s3, b3, x_base, m_ok, k0, 
 def _gemv_fp8_tile(acc, word, s0, s1, s2, s3, x_base, k0, offs_r, K, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
                    ASM: tl.constexpr, E5M2: tl.constexpr):
     """One K tile of the float32 GEMV of FP8 codes (fp8, mxfp8): the codes' exact values
-    times x summed in float32, the scale applied once per tile (one scale per tile:
-    per channel, 128 x 128 blocks) or once per position (mxfp8: position j is group j)."""
+    times x summed in float32, the scale applied once per group: per tile (per channel,
+    128 x 128 blocks, groups of 128 or more), per two positions (groups of 64) or per
+    position (groups of 32, mxfp8)."""
     R: tl.constexpr = 32
     if ASM:
         if E5M2:
@@ -471,6 +472,9 @@ def _gemv_fp8_tile(acc, word, s0, s1, s2, s3, x_base, k0, offs_r, K, GROUP: tl.c
         acc += (x1 * f1) * s1[None, :]
         acc += (x2 * f2) * s2[None, :]
         acc += (x3 * f3) * s3[None, :]
+    elif GROUP == 64:  # positions 0, 1 in the tile's first group, 2, 3 in its second
+        acc += (x0 * f0 + x1 * f1) * s0[None, :]
+        acc += (x2 * f2 + x3 * f3) * s1[None, :]
     else:
         acc += (x0 * f0 + x1 * f1 + x2 * f2 + x3 * f3) * s0[None, :]
     return acc
