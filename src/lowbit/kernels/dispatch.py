@@ -18,8 +18,8 @@ The decision, in order:
    M          kernel
    =========  ==========================================================
    1          ``triton`` GEMV (no MMA; each thread sums its column's
-              products; integer codes in float32), BLOCK_N 64, 2 warps,
-              split-K 4
+              products; 4/8-bit integer and FP8 codes in float32),
+              BLOCK_N 64, 2 warps, split-K 4
    2 - 64     ``triton`` swapped MMA (y^T = W x^T, the weight is the wide
               side), BLOCK_N 128, 8 warps, split-K to fill the SMs
    65 - 383   ``triton`` tiled GEMM 128 x 256, 8 warps
