@@ -122,7 +122,7 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
         return codes, scales
     interp = interpret_mode()
     iscale = input_scale.to(device=x.device, dtype=torch.float32).contiguous() if input_scale is not None else x
-    quant, chunk_amax, _ = aq.kernel()
+    quant, chunk_amax = aq.kernel()[:2]
     flags = dict(HAS_ISCALE=input_scale is not None, FP16=x.dtype == torch.float16,
                  RNE_BF16=interp and x.dtype == torch.bfloat16, EMULATE=interp)
     pdl = dict(PDL=True) if pdl and not interp else {}
