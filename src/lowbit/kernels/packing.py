@@ -375,7 +375,7 @@ def kernel_weight(pw: PackedWeight, rounded: bool = True) -> torch.Tensor:
     rounded=False (ints, FP8, MXFP8): q * scale + bias (code * scale) unrounded, in
     float64: what the float32 GEMV (``WeightOnlyConfig(int_f32=True)``) multiplies with; for 4-bit
     codes that includes the GEMV's carry: positions 4..7 of a word (k % 128 >= 64)
-    add scale * q(k - 64) / 65536 (see ``_weight_only_triton._f32_codes_asm``).
+    add scale * q(k - 64) / 65536 (see ``_dequant_ptx._f32_codes_asm``).
     """
     lay = pw.layout
     if lay is None:
