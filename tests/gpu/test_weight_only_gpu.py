@@ -97,7 +97,7 @@ def planned(m, pw, kw, dtype, config=None, backend="auto"):
     if backend == "auto" and config is None:
         p = dispatch.plan(m, pw.n, pw.k, pw, torch.device("cuda"), dtype)
         backend, config = p.kernel, p.config
-    if config is not None and config.int_f32 and config.mode == "gemv" and has_f32_gemv(pw.layout):
+    if config is not None and config.int_f32 and config.mode == "gemv" and has_f32_gemv(pw.layout.family, pw.layout.bits):
         kw = kernel_weight(pw, rounded=False)
     if pw.layout.family == "nvfp4" and backend != "dequant":  # exact values, the tensor scale on the sums
         kw = kernel_weight(pw, rounded=False)

@@ -163,11 +163,15 @@ def test_mx_upcast_matmul_equals_the_exact_product(afmt, dtype, m):
     y = mx_upcast_matmul(x.reshape(1, m, k), pw, afmt, bias, backend="triton")
     assert y.shape == (1, m, n) and y.dtype == dtype
     codes, scales = quantize_activation_mx_reference(x, afmt)
-    a = _dequantize(codes, scales, afmt, k).double()
-    w = qt.dequantize().double()
+    _assert_near_exact(y[0], _dequantize(codes, scales, afmt, k).double(), qt.dequantize().double(), bias)
+
+
+def _assert_near_exact(y, a, w, bias):
+    """y within 2 units in the last place of y's dtype (plus 1e-6 of |a| @ |w|^T + |bias|)
+    of the float64 product a @ w^T + bias."""
     exact, s = a @ w.T + bias.double(), a.abs() @ w.abs().T + bias.double().abs()
-    eps = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    assert bool(((y[0].double() - exact).abs() <= eps * exact.abs() + 1e-6 * s).all())
+    eps = 2.0**-7 if y.dtype == torch.bfloat16 else 2.0**-10
+    assert bool(((y.double() - exact).abs() <= eps * exact.abs() + 1e-6 * s).all())
 
 
 def test_mx_fake_quantize_custom_op_keeps_leading_dims():
@@ -225,10 +229,7 @@ def test_nvfp4_upcast_matmul_equals_the_exact_product(dtype, m):
     y = nvfp4_upcast_matmul(x.reshape(1, m, k), pw, bias, backend="triton")
     assert y.shape == (1, m, n) and y.dtype == dtype
     a = fake_quantize(x, "nvfp4").double()
-    w = qt.dequantize().double()
-    exact, s = a @ w.T + bias.double(), a.abs() @ w.abs().T + bias.double().abs()
-    eps = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    assert bool(((y[0].double() - exact).abs() <= eps * exact.abs() + 1e-6 * s).all())
+    _assert_near_exact(y[0], a, qt.dequantize().double(), bias)
     local, s_t = nvfp4_fake_quantize(x.reshape(1, m, k))
     assert local.shape == (1, m, k) and torch.equal(local.float() * s_t, a.float().reshape(1, m, k))
     with pytest.raises(ValueError, match="NVFP4 weight"):

@@ -98,7 +98,7 @@ def check_close(y, x, pw, bias, tag, config=None, backend="triton"):
     k = x.shape[-1]
     m = x.numel() // k
     cfg = config or dispatch.default_config(m, pw.n, k, pw, dispatch.num_sms(x.device))
-    f32_gemv = cfg.mode == "gemv" and cfg.int_f32 and has_f32_gemv(pw.layout)
+    f32_gemv = cfg.mode == "gemv" and cfg.int_f32 and has_f32_gemv(pw.layout.family, pw.layout.bits)
     # NVFP4: the matmul kernels' values are exact (the tensor scale is applied to the sums)
     exact_values = f32_gemv or (pw.layout.family == "nvfp4" and backend != "dequant")
     kw = kernel_weight(pw, rounded=not exact_values).double()

@@ -383,14 +383,8 @@ def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.
         s2 = _mx_scale((ew >> 16) & 0xFF, FAMILY)
         s3 = _mx_scale((ew >> 24) & 0xFF, FAMILY)
         b0, b1, b2, b3 = s0, s1, s2, s3
-    else:
-        s0, b0 = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM, FP16)
-        s1, b1 = s0, b0
-        s2, b2 = s0, b0
-        s3, b3 = s0, b0
-    if FAMILY == 1 or FAMILY == 3:
-        pass
-    elif NG == 8:
+    elif NG == 8:  # groups of 16 (nvfp4): eight scale rows, no biases
+        s0, _u = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM, FP16)
         b0, _u = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM, FP16)
         s1, _u = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM, FP16)
         b1, _u = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM, FP16)
@@ -398,13 +392,18 @@ def _tile_scales(s_ptr, b_ptr, t, NPAD, offs_n, FAMILY: tl.constexpr, GROUP: tl.
         b2, _u = _load_group(s_ptr, b_ptr, g0 + 5, NPAD, offs_n, FAMILY, ASM, FP16)
         s3, _u = _load_group(s_ptr, b_ptr, g0 + 6, NPAD, offs_n, FAMILY, ASM, FP16)
         b3, _u = _load_group(s_ptr, b_ptr, g0 + 7, NPAD, offs_n, FAMILY, ASM, FP16)
-    elif NG >= 2:
-        s1, b1 = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM, FP16)
-        s2, b2 = s1, b1
-        s3, b3 = s1, b1
-    if NG == 4 and FAMILY != 1 and FAMILY != 3:
-        s2, b2 = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM, FP16)
-        s3, b3 = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM, FP16)
+    else:
+        s0, b0 = _load_group(s_ptr, b_ptr, g0, NPAD, offs_n, FAMILY, ASM, FP16)
+        s1, b1 = s0, b0
+        s2, b2 = s0, b0
+        s3, b3 = s0, b0
+        if NG >= 2:
+            s1, b1 = _load_group(s_ptr, b_ptr, g0 + 1, NPAD, offs_n, FAMILY, ASM, FP16)
+            s2, b2 = s1, b1
+            s3, b3 = s1, b1
+        if NG == 4:
+            s2, b2 = _load_group(s_ptr, b_ptr, g0 + 2, NPAD, offs_n, FAMILY, ASM, FP16)
+            s3, b3 = _load_group(s_ptr, b_ptr, g0 + 3, NPAD, offs_n, FAMILY, ASM, FP16)
     return s0, b0, s1, b1, s2, b2, s3, b3
 
 
@@ -958,7 +957,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         RNE_BF16=rne,
         EVEN_K=k % 128 == 0,
         CAT=(cfg.stack or lay.bits == 2) and cfg.mode != "gemv",  # 2-bit MMA: always one stacked tile
-        INT_F32=cfg.mode == "gemv" and cfg.int_f32 and has_f32_gemv(lay),  # else the 16-bit GEMV
+        INT_F32=cfg.mode == "gemv" and cfg.int_f32 and has_f32_gemv(lay.family, lay.bits),  # else the 16-bit GEMV
         PREFETCH=cfg.prefetch,
         E5M2=pw.fmt.endswith("e5m2"),
         num_warps=cfg.num_warps,

@@ -256,11 +256,11 @@ def fake_quantize_activation_nvfp4(x: torch.Tensor, backend: str = "triton") -> 
     _check_x(x)
     s_t = nvfp4_tensor_scale(x)
     if backend == "reference":
-        from ..formats import nvfp4
+        from ..formats import elements, nvfp4, tiles
 
         values, codes, _ = nvfp4.quantize(x.float())
         r, k = x.shape
-        s_b = nvfp4.tiles.expand(nvfp4.elements.decode(codes, nvfp4.E4M3), (1, nvfp4.BLOCK), r, k)
+        s_b = tiles.expand(elements.decode(codes, "fp8_e4m3"), (1, nvfp4.BLOCK), r, k)
         return (values * s_b).to(x.dtype), s_t
     from . import _act_quant_triton as aq
     from ._weight_only_triton import interpret_mode

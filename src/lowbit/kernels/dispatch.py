@@ -96,7 +96,7 @@ def default_config(m: int, n: int, k: int, pw: PackedWeight, num_sms: int = 132)
     """The shipped Triton config for an [m, k] x [n, k]^T product (table above)."""
     if pw.layout is None:
         raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported})")
-    return _default_config(m, n, pw.layout.n_tiles, num_sms, has_f32_gemv(pw.layout))
+    return _default_config(m, n, pw.layout.n_tiles, num_sms, has_f32_gemv(pw.layout.family, pw.layout.bits))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -285,8 +285,7 @@ def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32,
     "dequant" stands for dequantize + cuBLAS."""
     out: list = []
     if m == 1:
-        # integer and FP8 codes: the float32 GEMV (the 16-bit one as a fallback below)
-        f32 = (fmt_family == "int" and bits in (4, 8)) or fmt_family == "fp8" or (fmt_family == "mx" and bits == 8)
+        f32 = has_f32_gemv(fmt_family, bits)  # the float32 GEMV (the 16-bit one as a fallback below)
         for (bn, warps), pf, split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (1, 2),
                                                         (1, 2, 4, 6, 8)):
             out.append(WeightOnlyConfig(1, bn, split, warps, 3, "gemv", int_f32=f32, prefetch=pf))

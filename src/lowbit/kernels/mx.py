@@ -202,9 +202,8 @@ def nvfp4_upcast_matmul(x: torch.Tensor, pw, bias: torch.Tensor | None = None,
     activations' tensor scale folded into the weight's (the kernels multiply the float32
     sums by it). Where the Triton kernels cannot run (or backend="reference"): the
     reference, NVFP4-quantized x times the dequantized weight."""
-    from dataclasses import replace
-
     from ..formats import fake_quantize
+    from .packing import times_tensor_scale
     from .weight_only import triton_unsupported, weight_only_matmul
 
     if pw.fmt != "nvfp4":
@@ -214,4 +213,4 @@ def nvfp4_upcast_matmul(x: torch.Tensor, pw, bias: torch.Tensor | None = None,
         xq = fake_quantize(x.reshape(-1, pw.k), "nvfp4").to(x.dtype).reshape(x.shape)
         return weight_only_matmul(xq, pw, bias, backend="reference")
     local, s_t = act_quant.fake_quantize_activation_nvfp4(x.reshape(-1, pw.k))
-    return weight_only_matmul(local.reshape(x.shape), replace(pw, biases=pw.biases * s_t), bias, backend=backend)
+    return weight_only_matmul(local.reshape(x.shape), times_tensor_scale(pw, s_t), bias, backend=backend)

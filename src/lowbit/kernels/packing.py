@@ -306,10 +306,16 @@ def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -
     return PackedWeight(qt.fmt, n, k, qt, dtype, codes, scales, biases, lay)
 
 
-def has_f32_gemv(lay: Layout) -> bool:
-    """Whether the float32 GEMV (``WeightOnlyConfig(int_f32=True)``) takes this layout:
-    4- and 8-bit integer codes, FP8 and MXFP8."""
-    return (lay.family == "int" and lay.bits in (4, 8)) or lay.family == "fp8" or (lay.family == "mx" and lay.bits == 8)
+def has_f32_gemv(family: str, bits: int) -> bool:
+    """Whether the float32 GEMV (``WeightOnlyConfig(int_f32=True)``) takes a layout of this
+    family and bit width: 4- and 8-bit integer codes, FP8 and MXFP8."""
+    return (family == "int" and bits in (4, 8)) or family == "fp8" or (family == "mx" and bits == 8)
+
+
+def times_tensor_scale(pw: PackedWeight, s: torch.Tensor) -> PackedWeight:
+    """An NVFP4 weight whose tensor scale (``biases``, float32 [1]) is multiplied by s
+    (float32 [1] on the device: NVFP4 activations' tensor scale), the codes shared."""
+    return replace(pw, biases=pw.biases * s)
 
 
 def kmajor_supported(pw: PackedWeight) -> str | None:

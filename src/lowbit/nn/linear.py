@@ -219,12 +219,11 @@ class QuantLinear(nn.Module):
                 from ..kernels.ops import mx_fake_quantize, weight_only_linear
 
                 if self.activation.fmt == "nvfp4":  # e2m1 * s_b exactly; s_t on the sums (nvfp4_upcast_matmul)
-                    from dataclasses import replace
-
                     from ..kernels.ops import nvfp4_fake_quantize
+                    from ..kernels.packing import times_tensor_scale
 
                     x, s_t = nvfp4_fake_quantize(x)
-                    pw = replace(pw, biases=pw.biases * s_t)
+                    pw = times_tensor_scale(pw, s_t)
                 elif self.activation.fmt is not None:  # MX activations, dequantized exactly (mx_upcast_matmul)
                     x = mx_fake_quantize(x, self.activation.fmt)
                 return weight_only_linear(x, pw, b)
