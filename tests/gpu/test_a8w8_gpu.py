@@ -10,7 +10,8 @@ import torch
 
 from lowbit import quantize_
 from lowbit import quantize_tensor
-from lowbit.kernels.a8w8 import A8W8Config, a8w8_matmul, default_a8w8_config, dequantized_weight, pack_a8w8
+from lowbit.kernels.a8w8 import (A8W8Config, a8w8_matmul, default_a8w8_config, dequantized_weight, pack_a8w8,
+                                  plan_a8w8)
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_reference
 from lowbit.kernels.ops import a8w8_linear
 
@@ -202,3 +203,18 @@ def test_programmatic_dependent_launch_gives_the_same_bits(fmt, m, n, k, monkeyp
     monkeypatch.setattr(a8w8_mod, "PDL_TILES", 0)
     assert torch.equal(y_pdl, a8w8_linear(x, pa))
     assert torch.equal(static_y, a8w8_linear(x2, pa))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("n,k", [(28672, 4096), (8192, 28672), (1000, 1111)])
+@pytest.mark.parametrize("cfg", [None, A8W8Config(1, 2, 1024, 1, 2, 1, row=True), A8W8Config(1, 1, 2048, 1, 4, 1, row=True)],
+                         ids=["auto", "row-2x1024", "row-1x2048"])
+def test_row_gemv_one_token(fmt, n, k, cfg):
+    """One token through the row GEMV (INT8: dp4a, exact int32 sums; FP8: float32 sums)."""
+    dtype = torch.float16 if n == 1000 else torch.bfloat16
+    pa = pack_a8w8(_weight(fmt, False, n, k))
+    if cfg is None and fmt == "int8":
+        assert plan_a8w8(1, pa, torch.device("cuda"), dtype).row
+    x = _x(1, k, dtype, seed=n)
+    bias = torch.randn(n, device="cuda").to(dtype) if n == 1000 else None
+    _check(x, pa, a8w8_matmul(x, pa, bias, config=cfg), bias)

@@ -44,6 +44,12 @@ FORMATS = {
 }
 
 
+# only in the row GEMV's test (one scale per row, the formats it adds)
+ROW_ONLY = {
+    "int8-channel-affine": ("int8", dict(symmetric=False)),
+    "fp8-e5m2-tensor": ("fp8_e5m2", dict(granularity="tensor")),
+}
+
 _PACKED = {}
 
 
@@ -51,7 +57,7 @@ def packed(name, n, k, dtype=torch.bfloat16):
     """Quantize a random N(0, 0.02) weight once per (format, shape) and pack it on CUDA."""
     key = (name, n, k, dtype)
     if key not in _PACKED:
-        fmt, opts = FORMATS[name]
+        fmt, opts = {**FORMATS, **ROW_ONLY}[name]
         g = torch.Generator(device="cuda").manual_seed(n * 7 + k)
         w = torch.randn(n, k, device="cuda", generator=g) * 0.02
         qt = quantize_tensor(w, fmt, **opts)
@@ -98,6 +104,8 @@ def planned(m, pw, kw, dtype, config=None, backend="auto"):
         p = dispatch.plan(m, pw.n, pw.k, pw, torch.device("cuda"), dtype)
         backend, config = p.kernel, p.config
     if config is not None and config.int_f32 and config.mode == "gemv" and has_f32_gemv(pw.layout.family, pw.layout.bits):
+        kw = kernel_weight(pw, rounded=False)
+    if config is not None and config.mode == "row":  # exact code values, the scale on the float32 sums
         kw = kernel_weight(pw, rounded=False)
     if pw.layout.family == "nvfp4" and backend != "dequant":  # exact values, the tensor scale on the sums
         kw = kernel_weight(pw, rounded=False)
@@ -249,3 +257,18 @@ def test_kmajor(name, n, k, m, dtype):
         assert dispatch.plan(m, n, k, kpw, x.device, dtype).config == cfg
     y = weight_only_matmul(x, kpw, b, backend="triton", config=cfg)
     check(y, x, kpw, kw, b, f"kmajor {name} W[{n}, {k}] M={m} {dtype} {cfg}")
+
+
+@pytest.mark.parametrize("name", ["int8-channel", "fp8-e4m3-channel", "int8-channel-affine", "fp8-e5m2-tensor"])
+@pytest.mark.parametrize("n,k,dtype", [(28672, 4096, torch.bfloat16), (8192, 28672, torch.bfloat16),
+                                       (1001, 1111, torch.float16)], ids=["8b", "70b-down", "odd-fp16"])
+@pytest.mark.parametrize("config", [None, WeightOnlyConfig(1, 1, 1, 4, 1, "row", block_k=2048),
+                                    WeightOnlyConfig(1, 4, 1, 1, 1, "row", block_k=512)],
+                         ids=["auto", "row-1x2048-w4", "row-4x512-w1"])
+def test_row_gemv(name, n, k, dtype, config):
+    """M = 1 on the canonical 8-bit bytes (the plan's choice for these weights)."""
+    pw, _ = packed(name, n, k, dtype)
+    assert pw.row_codes is not None
+    if config is None:
+        assert dispatch.plan(1, n, k, pw, torch.device("cuda"), dtype).config.mode == "row"
+    run(name, n, k, 1, dtype, bias=True, config=config, backend="auto" if config is None else "triton")

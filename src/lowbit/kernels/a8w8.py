@@ -49,8 +49,17 @@ class A8W8Config:
     swap: bool = False
     group_m: int = 8
     tma: bool = False  # operand tiles by the TMA engine (tiled, per channel, no split; GPU only)
+    row: bool = False  # one token, per channel: the row GEMV (``_row_gemv_triton``), block_n rows per program
 
     def check(self) -> "A8W8Config":
+        if self.row:
+            if not (1 <= self.block_n <= 16 and self.block_n & (self.block_n - 1) == 0):
+                raise ValueError(f"block_n={self.block_n}: the row GEMV takes a power of two in [1, 16] rows")
+            if not (128 <= self.block_k <= 8192 and self.block_k & (self.block_k - 1) == 0):
+                raise ValueError(f"block_k={self.block_k}: the row GEMV takes a power of two in [128, 8192]")
+            if self.swap or self.tma or self.split_k != 1 or self.block_m != 1:
+                raise ValueError(f"row=True takes block_m=1, split_k=1, no swap or tma, got {self}")
+            return self
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1) or v > 256:
@@ -206,17 +215,35 @@ def plan_a8w8(m: int, pa: PackedA8W8, device: torch.device, dtype: torch.dtype) 
     from . import dispatch
 
     key = cache_key(pa, m, dtype)
-    for cache in (dispatch.load_cache(device), dispatch.shipped_cache(device)):
-        e = cache.entries.get(key)
-        if e is not None and e.get("config"):
-            return A8W8Config(**e["config"])
-    return default_a8w8_config(m, pa.n, pa.kq, dispatch.num_sms(device), two_accumulators(pa))
+    cfg = _cached(dispatch.load_cache(device), key, m, pa)
+    if cfg is None and m == 1 and pa.fmt == "int8" and not pa.blockwise:
+        cfg = ROW_CONFIG  # before the shipped table, which was tuned before this kernel existed
+    cfg = cfg or _cached(dispatch.shipped_cache(device), key, m, pa)
+    return cfg or default_a8w8_config(m, pa.n, pa.kq, dispatch.num_sms(device), two_accumulators(pa))
 
 
-def candidate_configs(m: int, n: int, kq: int, two_acc: bool, num_sms: int = 132) -> list[A8W8Config]:
+def _cached(cache, key: str, m: int, pa: PackedA8W8) -> A8W8Config | None:
+    e = cache.entries.get(key)
+    if e is None or not e.get("config"):
+        return None
+    cfg = A8W8Config(**e["config"])
+    return None if cfg.row and (m != 1 or pa.blockwise) else cfg
+
+
+# M = 1, INT8 per channel: dp4a on the rows of the weight (``_row_gemv_triton``): 31.6 and
+# 58.4 us on 28672x4096 and 8192x28672 against 33.1 and 64.8 us for the swapped MMA in the
+# same run (docs/perf/experiments/row-gemv-h200.md). FP8 rows measured no faster (33.6
+# against 33.0 us on 28672x4096): only ``tune`` picks them.
+ROW_CONFIG = A8W8Config(1, 2, 1024, 1, 2, 1, row=True)
+
+
+def candidate_configs(m: int, n: int, kq: int, two_acc: bool, num_sms: int = 132,
+                      blockwise: bool = False) -> list[A8W8Config]:
     """The launch configs ``tune`` times for M (a short list around the default)."""
     n_k = kq // 128
     out = [default_a8w8_config(m, n, kq, num_sms, two_acc)]
+    if m == 1 and not blockwise:
+        out += [A8W8Config(1, bn, bk, 1, w, 1, row=True) for bn in (1, 2, 4) for w in (1, 2, 4) for bk in (1024, 2048)]
     if m <= 64:
         bm = _pow2_at_least(m, 16)
         for bn in (64, 128, 256):
@@ -284,7 +311,7 @@ def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=l
             y_ref = a8w8_matmul(x, pa, backend="reference").float()
             ref_max = float(y_ref.abs().max()) or 1.0
             timed = []
-            for cfg in candidate_configs(m, n, pa.kq, two_accumulators(pa), num_sms(device)):
+            for cfg in candidate_configs(m, n, pa.kq, two_accumulators(pa), num_sms(device), pa.blockwise):
                 try:
                     fn = (lambda c=cfg: a8w8_matmul(x, pa, config=c))
                     err = float((fn().float() - y_ref).abs().max()) / ref_max
@@ -320,7 +347,7 @@ def pdl_tiles(device: torch.device, cfg: A8W8Config) -> int:
     codes. 0: a plain launch (the default, the interpreter, older GPUs)."""
     from ._weight_only_triton import interpret_mode
 
-    if PDL_TILES <= 0 or cfg.tma or interpret_mode() or device.type != "cuda":
+    if PDL_TILES <= 0 or cfg.tma or cfg.row or interpret_mode() or device.type != "cuda":
         return 0
     return PDL_TILES if torch.cuda.get_device_capability(device)[0] >= 9 else 0
 
@@ -331,6 +358,13 @@ def _launch(codes, sa, pa: PackedA8W8, bias, y, cfg: A8W8Config, pdl: int = 0) -
     from . import _a8w8_triton as k8
     from ._weight_only_triton import interpret_mode, reduce_split, split_k_plan
 
+    if cfg.row:
+        from . import _row_gemv_triton
+
+        if codes.shape[0] != 1 or pa.blockwise:
+            raise ValueError(f"row=True runs one token with per-channel scales; got {codes.shape[0]} tokens, {pa}")
+        _row_gemv_triton.launch_a8w8(codes, sa, pa, bias, y, cfg)
+        return
     matmul = k8.kernel()
     interp = interpret_mode()
     m = codes.shape[0]

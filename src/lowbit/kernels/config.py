@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .packing import PackedWeight, kmajor_supported
+from .packing import PackedWeight, kmajor_supported, row_supported
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,10 @@ class WeightOnlyConfig:
     small M), "gemm" the tiled y = x W^T (larger M), "gemv" sums products on
     the CUDA cores without the MMA (M of 1 to a few). K is walked in tiles of
     128. split_k > 1 splits K over that many programs per output tile (float32
-    partials summed by a second kernel).
+    partials summed by a second kernel). "kmajor" is the MMA kernel on K-major 4-bit
+    codes (``packing.with_kmajor``); "row" the one-token GEMV on the canonical 8-bit
+    bytes (``_row_gemv_triton``: block_n whole rows per program, block_k bytes of
+    each per step).
     """
 
     block_m: int
@@ -29,10 +32,13 @@ class WeightOnlyConfig:
     int_f32: bool = False  # gemv, int codes: float32 products, scale and bias once per group
     prefetch: int = 1  # K tiles of weight words loaded ahead into registers (1 or 2)
     max_regs: int | None = None  # cap on registers per thread (ptxas .maxnreg): more programs per SM
+    block_k: int = 1024  # mode "row": K elements per step
 
     def check(self, pw: PackedWeight) -> "WeightOnlyConfig":
-        if self.mode not in ("gemm", "swap", "gemv", "kmajor"):
-            raise ValueError(f"mode={self.mode!r}: must be 'gemm', 'swap', 'gemv' or 'kmajor'")
+        if self.mode not in ("gemm", "swap", "gemv", "kmajor", "row"):
+            raise ValueError(f"mode={self.mode!r}: must be 'gemm', 'swap', 'gemv', 'kmajor' or 'row'")
+        if self.mode == "row":
+            return self._check_row(pw)
         if self.mode == "kmajor":
             why = kmajor_supported(pw) or (None if pw.kbytes is not None else
                                           "the weight has no K-major codes (packing.with_kmajor)")
@@ -57,4 +63,19 @@ class WeightOnlyConfig:
             raise ValueError(f"max_regs={self.max_regs}: must be None or a multiple of 8 in [32, 255]")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps}: must be 1, 2, 4, 8 or 16")
+        return self
+
+    def _check_row(self, pw: PackedWeight) -> "WeightOnlyConfig":
+        why = row_supported(pw.layout) or (None if pw.row_codes is not None else
+                                           "the weight carries no [N, K] codes (pack it from its QTensor)")
+        if why:
+            raise ValueError(f"mode 'row': {why}")
+        if self.block_m != 1 or self.split_k != 1:
+            raise ValueError(f"mode 'row' runs one token, all of K per program: block_m=1, split_k=1, got {self}")
+        if not (1 <= self.block_n <= 16 and self.block_n & (self.block_n - 1) == 0):
+            raise ValueError(f"block_n={self.block_n}: mode 'row' takes a power of two in [1, 16] rows")
+        if not (128 <= self.block_k <= 8192 and self.block_k & (self.block_k - 1) == 0):
+            raise ValueError(f"block_k={self.block_k}: mode 'row' takes a power of two in [128, 8192]")
+        if self.num_warps not in (1, 2, 4, 8):
+            raise ValueError(f"num_warps={self.num_warps}: mode 'row' takes 1, 2, 4 or 8")
         return self

@@ -7,11 +7,14 @@ The decision, in order:
 2. A weight that carries K-major codes (``packing.with_kmajor``: 4-bit ints,
    groups of a multiple of 128 or one scale per row) and 2 <= M <= 128 ->
    the K-major kernel (``kmajor_config``; not covered by tuning yet).
-3. A tuned entry for this GPU and (format, dtype, N, K, M bucket) -> its
-   kernel and config: first the user's cache (``cache_path``, written by
-   ``tune`` / ``lowbit tune``), then the table shipped in kernels/tuned/ for
-   the GPU model (the H200's covers the benchmark registry's shapes).
-4. Otherwise the default rule, measured on the H200 (sm_90; the H100 is the
+3. A tuned entry for this GPU and (format, dtype, N, K, M bucket) in the
+   user's cache (``cache_path``, written by ``tune`` / ``lowbit tune``).
+4. M = 1 and 8-bit int or FP8 codes with one scale per row (the weight keeps
+   its canonical [N, K] bytes, ``PackedWeight.row_codes``) -> the row GEMV
+   (``ROW_CONFIG``).
+5. A tuned entry in the table shipped in kernels/tuned/ for the GPU model (the
+   H200's covers the benchmark registry's shapes).
+6. Otherwise the default rule, measured on the H200 (sm_90; the H100 is the
    same chip family, run with this rule untuned) in docs/perf/experiments/:
 
    =========  ==========================================================
@@ -118,6 +121,21 @@ def _default_config(m: int, n: int, n_tiles: int, num_sms: int, f32_gemv: bool =
 
 
 KMAJOR_MAX_M = 128  # K-major codes (``packing.with_kmajor``): its kernel from M = 2 to this (as measured)
+
+
+# M = 1, 8-bit int or FP8 codes with one scale per row (``packing.row_supported``): the
+# row GEMV on the canonical [N, K] bytes, before the shipped table (whose M = 1 entries
+# for these formats were tuned among the word-layout GEMV configs). 2 rows x 1024 bytes
+# per step, 2 warps: the fastest or within 2% of it for int8 and FP8 on 28672x4096 and
+# 8192x28672 (docs/perf/experiments/row-gemv-h200.md).
+ROW_CONFIG = WeightOnlyConfig(1, 2, 1, 2, 1, "row", block_k=1024)
+
+
+def _usable(p: "Plan | None", pw: PackedWeight) -> "Plan | None":
+    """A cached plan, unless it names the row GEMV for a weight without its row codes."""
+    if p is not None and p.config is not None and p.config.mode == "row" and pw.row_codes is None:
+        return None
+    return p
 
 
 def kmajor_config(m: int, n: int, n_tiles: int, num_sms: int = 132) -> WeightOnlyConfig:
@@ -257,7 +275,10 @@ def plan(m: int, n: int, k: int, pw: PackedWeight, device: torch.device, dtype: 
         p = Plan("triton", cfg, "kmajor", f"M={m}: the weight carries K-major codes")
     else:
         key = cache_key(pw, n, k, m, dtype)
-        p = load_cache(device).get(key) or shipped_cache(device).get(key)
+        p = _usable(load_cache(device).get(key), pw)
+        if p is None and m == 1 and pw.row_codes is not None:
+            p = Plan("triton", ROW_CONFIG, "row", "M=1, 8-bit codes one scale per row: the row GEMV")
+        p = p or _usable(shipped_cache(device).get(key), pw)
         if p is None:
             sms = num_sms(device)
             if m >= DEQUANT_FROM_M and device.type == "cuda":
@@ -280,10 +301,13 @@ def plan(m: int, n: int, k: int, pw: PackedWeight, device: torch.device, dtype: 
 
 
 def candidate_configs(m: int, fmt_family: str, n: int = 4096, n_tiles: int = 32, num_sms: int = 132,
-                      bits: int = 4) -> list:
+                      bits: int = 4, row: bool = False) -> list:
     """The launch configs ``tune`` times for M (a short list around the defaults);
-    "dequant" stands for dequantize + cuBLAS."""
+    "dequant" stands for dequantize + cuBLAS. row: the weight has row codes (the row GEMV)."""
     out: list = []
+    if m == 1 and row:
+        out += [WeightOnlyConfig(1, bn, 1, warps, 1, "row", block_k=bk)
+                for bn, warps, bk in itertools.product((1, 2, 4), (1, 2, 4), (1024, 2048))]
     if m == 1:
         f32 = has_f32_gemv(fmt_family, bits)  # the float32 GEMV (the 16-bit one as a fallback below)
         for (bn, warps), pf, split in itertools.product(((32, 1), (32, 2), (64, 2), (64, 4), (128, 4)), (1, 2),
@@ -378,7 +402,7 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
                 ref_max = float(y_ref.abs().max()) or 1.0
                 timed = []
                 for cand in candidate_configs(m, pw.layout.family, n, pw.layout.n_tiles, num_sms(device),
-                                              pw.layout.bits):
+                                              pw.layout.bits, row=pw.row_codes is not None):
                     kernel, cfg = ("dequant", None) if cand == "dequant" else ("triton", cand)
                     try:
                         fn = (lambda: weight_only_matmul(x, pw, backend=kernel, config=cfg))

@@ -3,7 +3,7 @@ custom op, so that ``torch.compile`` treats it as one opaque call (with a fake
 implementation for shapes) instead of tracing into Triton launches.
 
     y = torch.ops.lowbit.weight_only_linear(x, codes, scales, biases, bias, fmt,
-                                            n, k, family, bits, group, kpad, npad)
+                                            n, k, family, bits, group, kpad, npad, row_codes=None)
 
 The arguments are a ``PackedWeight``'s kernel tensors and layout fields
 (``weight_only_linear(x, pw, bias)`` below assembles them); on CUDA the op runs
@@ -34,14 +34,16 @@ def _weight_only_linear(
     group: int,
     kpad: int,
     npad: int,
+    row_codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    pw = PackedWeight(fmt, n, k, None, x.dtype, codes, scales, biases, Layout(family, bits, group, kpad, npad))
+    pw = PackedWeight(fmt, n, k, None, x.dtype, codes, scales, biases, Layout(family, bits, group, kpad, npad),
+                      row_codes=row_codes)
     # CUDA: the dispatcher's choice; CPU tensors: the Triton interpreter (tests)
     return weight_only_matmul(x, pw, bias, backend="auto" if x.is_cuda else "triton")
 
 
 @_weight_only_linear.register_fake
-def _(x, codes, scales, biases, bias, fmt, n, k, family, bits, group, kpad, npad):
+def _(x, codes, scales, biases, bias, fmt, n, k, family, bits, group, kpad, npad, row_codes=None):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -51,7 +53,8 @@ def weight_only_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | N
     if lay is None:
         raise ValueError(f"{pw.fmt}: no Triton layout ({pw.unsupported}); use weight_only_matmul")
     return torch.ops.lowbit.weight_only_linear(
-        x, pw.codes, pw.scales, pw.biases, bias, pw.fmt, pw.n, pw.k, lay.family, lay.bits, lay.group, lay.kpad, lay.npad
+        x, pw.codes, pw.scales, pw.biases, bias, pw.fmt, pw.n, pw.k, lay.family, lay.bits, lay.group, lay.kpad, lay.npad,
+        pw.row_codes,
     )
 
 

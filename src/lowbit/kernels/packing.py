@@ -108,6 +108,9 @@ class PackedWeight:
     layout: Layout | None = None
     unsupported: str | None = None
     kbytes: torch.Tensor | None = None  # K-major 4-bit codes [npad, kpad / 2] (``with_kmajor``)
+    # 8-bit codes one scale per row: the canonical [n, k] bytes (the QTensor's own tensor, not a
+    # copy) that the one-token row GEMV reads (``row_supported``)
+    row_codes: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -121,17 +124,22 @@ class PackedWeight:
     def nbytes(self) -> int:
         """Bytes of the packed (kernel) tensors."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.biases, self.kbytes)
-                   if t is not None)
+                   if t is not None)  # row_codes: the QTensor's codes, not counted twice
 
     def to(self, device) -> "PackedWeight":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        qt = None if self.qtensor is None else self.qtensor.to(device)
+        rows = self.row_codes
+        if rows is not None:  # still the QTensor's own bytes where there is one
+            rows = qt.codes if qt is not None else rows.to(device)
         return replace(
             self,
-            qtensor=None if self.qtensor is None else self.qtensor.to(device),
+            qtensor=qt,
             codes=move(self.codes),
             scales=move(self.scales),
             biases=move(self.biases),
             kbytes=move(self.kbytes),
+            row_codes=rows,
         )
 
     def __repr__(self) -> str:
@@ -303,7 +311,20 @@ def pack_weight(qt: QTensor, device=None, dtype: torch.dtype = torch.bfloat16) -
         biases = (qt.global_scale.float() * 2.0**7).reshape(1).contiguous()  # the tensor scale, times 2^7
     else:
         scales, biases = _int_scales(qt, lay, dtype)
-    return PackedWeight(qt.fmt, n, k, qt, dtype, codes, scales, biases, lay)
+    rows = qt.codes if row_supported(lay) is None else None  # the same tensor, no copy
+    return PackedWeight(qt.fmt, n, k, qt, dtype, codes, scales, biases, lay, row_codes=rows)
+
+
+def row_supported(lay: Layout | None) -> str | None:
+    """Why the one-token row GEMV (``_row_gemv_triton``) cannot take a weight of this
+    layout (None if it can): 8-bit int or FP8 codes with one scale per row."""
+    if lay is None:
+        return "no Triton layout"
+    if lay.bits != 8 or lay.family not in ("int", "fp8"):
+        return f"{lay.family} {lay.bits}-bit codes: the row GEMV takes 8-bit int or FP8 codes"
+    if lay.group != 0:
+        return f"groups of {lay.group}: the row GEMV takes one scale per row (or per tensor)"
+    return None
 
 
 def has_f32_gemv(family: str, bits: int) -> bool:

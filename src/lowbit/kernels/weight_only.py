@@ -166,6 +166,13 @@ def _triton_matmul(x2, pw, bias, config):
         cfg = dispatch.default_config(m, pw.n, pw.k, pw, dispatch.num_sms(x2.device))
     else:
         cfg = config.check(pw)
+    if cfg.mode == "row":
+        if m != 1:
+            raise ValueError(f"mode 'row' runs one token; x has {m} rows")
+        from . import _row_gemv_triton
+
+        _row_gemv_triton.launch_weight_only(x2, pw, bias, y, cfg)
+        return y
     if cfg.mode == "kmajor":
         from . import _kmajor_triton
 
