@@ -9,8 +9,9 @@ loaded with the weight tile's shape (a broadcast pointer), so Triton gives both 
 same register layout and never converts between them.
 
 Why: at M = 1 the word layout of ``_weight_only_triton`` (N-contiguous words, four K
-chunks per word) reached 3.3 TB/s for 8-bit weights on the H200; reading whole rows
-reached 3.6-4.0 TB/s (docs/perf/experiments/row-gemv-h200.md).
+chunks per word) streamed 8-bit weights at 3.3 TB/s on the H200 (``lowbit bench``);
+whole rows stream at 3.5 TB/s, and the A8W8 INT8 dp4a variant at 3.7-3.8 TB/s with the
+activation quantization included (docs/perf/experiments/row-gemv-h200.md).
 
 Numerics (``kernel`` = ``_row_gemv_kernel``):
 

@@ -231,9 +231,9 @@ def _cached(cache, key: str, m: int, pa: PackedA8W8) -> A8W8Config | None:
 
 
 # M = 1, INT8 per channel: dp4a on the rows of the weight (``_row_gemv_triton``): 31.6 and
-# 58.4 us on 28672x4096 and 8192x28672 against 33.1 and 64.8 us for the swapped MMA in the
-# same run (docs/perf/experiments/row-gemv-h200.md). FP8 rows measured no faster (33.6
-# against 33.0 us on 28672x4096): only ``tune`` picks them.
+# 61.6 us on 28672x4096 and 8192x28672 (run of record of 8ea8671) against 33.5 and 65.0 us
+# for the swapped MMA (that of a7aa505); docs/perf/experiments/row-gemv-h200.md. FP8 rows
+# measured no faster (33.6 against 33.0 us on 28672x4096): only ``tune`` picks them.
 ROW_CONFIG = A8W8Config(1, 2, 1024, 1, 2, 1, row=True)
 
 
