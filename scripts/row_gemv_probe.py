@@ -69,36 +69,30 @@ def _decode(w, FP8: tl.constexpr):
 
 
 @triton.jit
-def row_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_w,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, XCODES: tl.constexpr,
-             PREFETCH: tl.constexpr, VEC: tl.constexpr = 16):
-    """y[n] = s[n] (xs) sum_k x[k] w[n, k]; x bf16 (XCODES False) or FP8 codes times xs."""
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _row_block(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, blk, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               FP8: tl.constexpr, XCODES: tl.constexpr, PREFETCH: tl.constexpr, VEC: tl.constexpr):
+    """Rows [blk * BLOCK_N, (blk + 1) * BLOCK_N): y[n] = s[n] (xs) sum_k x[k] w[n, k];
+    x bf16 (XCODES False) or FP8 codes times xs."""
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     if VEC < 16:  # contiguity VEC along K: byte loads of VEC codes, the layout of VEC x values
         offs_k = tl.max_contiguous((offs_k // VEC) * VEC, VEC) + offs_k % VEC
     wp = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
     xp = x_ptr + offs_n[:, None] * 0 + offs_k[None, :]  # [BLOCK_N, BLOCK_K]: the weight tile's shape
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if PREFETCH:
+    if PREFETCH:  # the next step's weight bytes loaded one step ahead, in registers
         w_next = tl.load(wp)
-        for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
+        if PREFETCH:
             w = w_next
             w_next = tl.load(wp + tl.minimum(k0 + BLOCK_K, K - BLOCK_K))
-            if XCODES:
-                xf = _decode(tl.load(xp + k0), True)
-            else:
-                xf = tl.load(xp + k0).to(tl.float32)
-            acc += _decode(w, FP8) * xf
-    else:
-        for k0 in range(0, K, BLOCK_K):
+        else:
             w = tl.load(wp + k0)
-            if XCODES:
-                xf = _decode(tl.load(xp + k0), True)
-            else:
-                xf = tl.load(xp + k0).to(tl.float32)
-            acc += _decode(w, FP8) * xf
+        if XCODES:
+            xf = _decode(tl.load(xp + k0), True)
+        else:
+            xf = tl.load(xp + k0).to(tl.float32)
+        acc += _decode(w, FP8) * xf
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n)
     if XCODES:
         y = y * tl.load(xs_ptr)
@@ -106,27 +100,19 @@ def row_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_w,
 
 
 @triton.jit
+def row_gemv(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_w,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, XCODES: tl.constexpr,
+             PREFETCH: tl.constexpr, VEC: tl.constexpr = 16):
+    _row_block(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), K, stride_w, BLOCK_N, BLOCK_K, FP8, XCODES,
+               PREFETCH, VEC)
+
+
+@triton.jit
 def row_gemv_persist(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_w,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, XCODES: tl.constexpr):
     """row_gemv with a fixed grid: each program walks row blocks pid, pid + grid, ..."""
-    offs_k = tl.arange(0, BLOCK_K)
-    nblocks = tl.cdiv(N, BLOCK_N)
-    for blk in range(tl.program_id(0), nblocks, tl.num_programs(0)):
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        wp = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
-        xp = x_ptr + offs_n[:, None] * 0 + offs_k[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w = tl.load(wp + k0)
-            if XCODES:
-                xf = _decode(tl.load(xp + k0), True)
-            else:
-                xf = tl.load(xp + k0).to(tl.float32)
-            acc += _decode(w, FP8) * xf
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n)
-        if XCODES:
-            y = y * tl.load(xs_ptr)
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty))
+    for blk in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        _row_block(x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, blk, K, stride_w, BLOCK_N, BLOCK_K, FP8, XCODES, False, 16)
 
 
 @triton.jit

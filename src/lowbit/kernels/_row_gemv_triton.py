@@ -105,13 +105,7 @@ def _row_gemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, N, K, 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     xsum = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            c = tl.load(wp + k0)
-            xt = tl.load(xp + k0)
-        else:
-            k_ok = (k0 + offs_k)[None, :] < K
-            c = tl.load(wp + k0, mask=k_ok, other=0)
-            xt = tl.load(xp + k0, mask=k_ok, other=0)
+        c, xt = _load_step(wp, xp, k0, offs_k, K, EVEN_K)
         if X_CODES:
             xf = _decode(xt, 1, False, ASM)
         else:
@@ -126,6 +120,14 @@ def _row_gemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, N, K, 
     if HAS_B:
         y += tl.load(b_ptr + rows) * tl.sum(xsum, axis=1)
     _store_row(y, offs_n, n_ok, bias_ptr, y_ptr, HAS_BIAS, RNE_BF16)
+
+
+def _load_step(wp, xp, k0, offs_k, K, EVEN_K: tl.constexpr):
+    """The weight tile and x at step k0 (zeros past K)."""
+    if EVEN_K:
+        return tl.load(wp + k0), tl.load(xp + k0)
+    k_ok = (k0 + offs_k)[None, :] < K
+    return tl.load(wp + k0, mask=k_ok, other=0), tl.load(xp + k0, mask=k_ok, other=0)
 
 
 def _store_row(y, offs_n, n_ok, bias_ptr, y_ptr, HAS_BIAS: tl.constexpr, RNE_BF16: tl.constexpr):
@@ -159,20 +161,14 @@ def _row_dp4a_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, N, KW, stride
     xp = x_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * 0 + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BW), dtype=tl.int32)
     for k0 in range(0, KW, BW):
-        if EVEN_K:
-            w = tl.load(wp + k0)
-            x = tl.load(xp + k0)
-        else:
-            k_ok = (k0 + offs_k)[None, :] < KW
-            w = tl.load(wp + k0, mask=k_ok, other=0)
-            x = tl.load(xp + k0, mask=k_ok, other=0)
+        w, x = _load_step(wp, xp, k0, offs_k, KW, EVEN_K)
         acc = _dp4a(w, x, acc, ASM)
     y = tl.sum(acc, axis=1).to(tl.float32) * tl.load(xs_ptr) * tl.load(s_ptr + rows)
     _store_row(y, offs_n, n_ok, bias_ptr, y_ptr, HAS_BIAS, RNE_BF16)
 
 
 _JITTED: dict[bool, tuple] = {}
-_HELPERS = {f.__name__: f for f in (_decode, _store_row, _dp4a, _fp8_value, _round_to_bf16)}
+_HELPERS = {f.__name__: f for f in (_decode, _load_step, _store_row, _dp4a, _fp8_value, _round_to_bf16)}
 
 
 def _kernels():
