@@ -16,7 +16,10 @@ from lowbit.bench.shapes import DEFAULT_SHAPES, M_VALUES, SHAPES, parse_ms, sele
 from lowbit.bench.timing import (
     BF16_FLOPS,
     COPY_BW,
+    DEFAULT_L2,
+    cycle_calls,
     ideal_us,
+    l2_bytes,
     matmul_bytes,
     nominal_weight_bytes,
     roofline_pct,
@@ -105,6 +108,13 @@ def test_rotation_copies():
     assert rotation_copies(62_390_272, l2) == 4
     assert rotation_copies(1000, l2) == 64  # capped
     assert rotation_copies(0, l2) == 1
+
+
+def test_cycle_calls_walks_the_copies_in_turn_and_l2_has_a_cpu_default():
+    seen = []
+    fn = cycle_calls([lambda i=i: seen.append(i) or i for i in range(3)])
+    assert [fn() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0] and seen == [0, 1, 2, 0, 1, 2, 0]
+    assert l2_bytes("cpu") == DEFAULT_L2
 
 
 def test_rel_err():

@@ -60,14 +60,14 @@ import torch
 
 from .peers import TOL, Peer, PeerUnavailable, Prepared, bf16_baseline, f64_linear, rel_err, select_peers
 from .shapes import M_VALUES, Shape, describe_registry, parse_ms, select_shapes
-from .timing import FP8_FLOPS, nominal_weight_bytes, roofline_pct, rotation_copies, time_cuda_graph, time_eager
+from .timing import (FP8_FLOPS, cycle_calls, l2_bytes, nominal_weight_bytes, roofline_pct, rotation_copies,
+                     time_cuda_graph, time_eager)
 
 DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w4-nvfp4", "a16w8-int8", "a16w8-fp8", "a16w2-int-g64",
                                     "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128", "a8w8-mxfp8", "a8w4-mxfp4", "a4w4-mxfp4",
                                     "a4w4-nvfp4")
 TOP_KEYS: tuple[str, ...] = ("gpu", "date", "commit", "torch", "triton", "rows")
 ROW_KEYS: tuple[str, ...] = ("shape", "n", "k", "m", "method", "us", "speedup_vs_bf16", "roofline_pct", "rel_err")
-DEFAULT_L2 = 50 * 2**20
 
 
 class BenchRows(list):
@@ -128,7 +128,9 @@ def lowbit_method(recipe: str, w: torch.Tensor, backend: str = "auto") -> Prepar
 
     return Prepared(
         method=f"lowbit:{recipe}",
-        make=lambda: bind(pack_weight(qt, device)),
+        # a copy with its own tensors: re-packing qt would share its codes, which the
+        # row GEMV reads directly (``PackedWeight.row_codes``), and defeat the rotation
+        make=lambda: bind(pack_weight(quantize_tensor(w, rc.weight_fmt, **rc.weight_options), device)),
         reference=lambda x: weight_only_matmul_reference(x, pw).double(),
         weight_bytes=nominal_weight_bytes(qt),
         checked_against="weight_only_matmul_reference (cross-checked: float64 x @ qt.dequantize()^T)",
@@ -430,9 +432,7 @@ def run_bench(
 
     meta = environment(dev)
     stem = name or file_stem(meta["gpu"])
-    l2 = DEFAULT_L2
-    if dev.type == "cuda":
-        l2 = int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or DEFAULT_L2)
+    l2 = l2_bytes(dev)
     do_rotate = rotate and timing == "graph"
     info = {
         "command": command or "run_bench(...)",
@@ -551,14 +551,7 @@ def _measure(method: str, prepare, shape: Shape, w, xs: dict, bf16_us: dict, res
 
 def _cycle(ops: list, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """One zero-argument call per op in turn (a graph captures the sequence)."""
-    state = {"i": 0}
-
-    def fn():
-        op = ops[state["i"] % len(ops)]
-        state["i"] += 1
-        return op(x)
-
-    return fn
+    return cycle_calls([lambda op=op: op(x) for op in ops])
 
 
 # --------------------------------------------------------------------------- output

@@ -199,3 +199,29 @@ def rotation_copies(weight_bytes: int, l2_bytes: int, factor: float = 4.0, cap: 
     if weight_bytes <= 0:
         return 1
     return int(min(cap, max(1, math.ceil(factor * l2_bytes / weight_bytes))))
+
+
+DEFAULT_L2 = 50 * 2**20  # bytes; the H200's is 60 MiB
+
+
+def l2_bytes(device) -> int:
+    """The GPU's L2 cache size in bytes (DEFAULT_L2 elsewhere)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2)
+    return DEFAULT_L2
+
+
+def cycle_calls(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """One zero-argument call that runs fns[0], fns[1], ... in turn, so that a CUDA graph
+    capturing it many times walks through weight copies (``rotation_copies``)."""
+    state = {"i": 0}
+
+    def fn():
+        f = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return f()
+
+    return fn

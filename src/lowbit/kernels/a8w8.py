@@ -284,7 +284,7 @@ def candidate_configs(m: int, n: int, kq: int, two_acc: bool, num_sms: int = 132
 def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=lambda: True, bar=None) -> None:
     """``dispatch.tune`` for an a8w8 recipe: time every candidate (activation
     quantization included), reject any with a wrong result, record the fastest."""
-    from ..bench.timing import time_cuda_graph
+    from ..bench.timing import cycle_calls, l2_bytes, rotation_copies, time_cuda_graph
     from ..formats import quantize_tensor
     from ..nn.recipes import parse_recipe
     from .dispatch import TUNE_TOL, confirm_fastest, num_sms
@@ -301,14 +301,25 @@ def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=l
         pa = pack_a8w8(qt)
         wb = w.to(dtype)
         del w, qt
+        l2 = l2_bytes(device)  # weight copies totalling >= 4x L2, as in dispatch.tune
+        pas = [pa] + [pack_a8w8(quantize_tensor(torch.randn(n, k, device=device, generator=gen) * 0.02,
+                                                r.weight_fmt, **r.weight_options))
+                      for _ in range(rotation_copies(pa.codes.numel(), l2) - 1)]
+        wbs = [wb] + [torch.randn(n, k, device=device, generator=gen).to(dtype)
+                      for _ in range(rotation_copies(wb.numel() * wb.element_size(), l2) - 1)]
         for m in ms:
             if bar is not None:
                 bar.update(1)
             if not budget_left():
                 return
             x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-            bf16_us = time_cuda_graph(lambda: torch.nn.functional.linear(x, wb), rep_ms=5.0)
+            bf16_us = time_cuda_graph(cycle_calls([lambda w=w: torch.nn.functional.linear(x, w) for w in wbs]),
+                                      rep_ms=5.0)
             y_ref = a8w8_matmul(x, pa, backend="reference").float()
+
+            def rotated(cfg):
+                return cycle_calls([lambda p=p: a8w8_matmul(x, p, config=cfg) for p in pas])
+
             ref_max = float(y_ref.abs().max()) or 1.0
             timed = []
             for cfg in candidate_configs(m, n, pa.kq, two_accumulators(pa), num_sms(device), pa.blockwise):
@@ -318,18 +329,17 @@ def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=l
                     if not err <= TUNE_TOL:
                         log(f"tune: {cfg} rejected: relative error {err:.3g} > {TUNE_TOL}")
                         continue
-                    us = time_cuda_graph(fn, rep_ms=5.0)
+                    us = time_cuda_graph(rotated(cfg), rep_ms=5.0)
                 except Exception as e:  # a config that does not fit (shared memory, registers)
                     log(f"tune: {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
                     continue
                 timed.append((us, cfg))
             if not timed:
                 continue
-            us, cfg = confirm_fastest(
-                timed, lambda t: time_cuda_graph(lambda: a8w8_matmul(x, pa, config=t[1]), rep_ms=5.0))
+            us, cfg = confirm_fastest(timed, lambda t: time_cuda_graph(rotated(t[1]), rep_ms=5.0))
             cache.put(cache_key(pa, m, dtype), "triton", cfg, us, bf16_us)
             log(f"{recipe} {n}x{k} M={m}: triton {cfg} {us:.1f} us (bf16 {bf16_us:.1f} us, {bf16_us / us:.2f}x)")
-        del pa, wb
+        del pa, wb, pas, wbs
 
 
 # ------------------------------------------------------------------ the op
