@@ -285,16 +285,20 @@ def _mx_act_quant_kernel(
 
 
 def _nvfp4_act_kernel(
-    x_ptr, st_ptr, out_ptr, K, stride_xm,
+    x_ptr, st_ptr, out_ptr, q_ptr, s_ptr, K, KQ, stride_xm,
     BLOCKS: tl.constexpr,  # 16-element blocks per program
     EMULATE: tl.constexpr,
     RNE_BF16: tl.constexpr = False,
+    CODES: tl.constexpr = False,  # write codes and scale bytes instead of the values
 ):
     """NVFP4 activations (FORMATS.md), given the tensor scale s_t (float32 [1] at st_ptr,
     amax / (6 * 448) of the whole x): per 16-element block s_b = E4M3(amax_block / (6 s_t))
     and codes E2M1(x / (s_b s_t)), each division correctly rounded, as lowbit.formats does.
     Writes e2m1 * s_b in x's dtype (at most 6 significant bits in [2^-10, 2688]: exact in
-    bf16 and fp16); the caller multiplies the product by s_t. Finite x only."""
+    bf16 and fp16); the caller multiplies the product by s_t. Finite x only.
+    CODES: the E2M1 codes two per byte (even element low) into q_ptr [M, KQ / 2] and the
+    E4M3 scale bytes into s_ptr [M, KQ / 16] instead; the grid then covers KQ, and the
+    blocks past K get zero codes and scales."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     k = blk[:, None] * 16 + tl.arange(0, 16)[None, :]  # [BLOCKS, 16]
@@ -312,6 +316,12 @@ def _nvfp4_act_kernel(
     denom = s_b * s_t
     ok = denom > 0
     q = tl.where(ok[:, None], _div(x, tl.where(ok, denom, 1.0)[:, None], EMULATE), 0.0)
+    if CODES:
+        tl.store(s_ptr + row * (KQ // 16) + blk, sc.to(tl.uint8))
+        lo, hi = tl.split(tl.reshape(_e2m1_bits(q), (BLOCKS, 8, 2)))
+        kb = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        tl.store(q_ptr + row * (KQ // 2) + kb, (lo | (hi << 4)).to(tl.uint8))
+        return
     val = _e2m1_value(_e2m1_bits(q)) * s_b[:, None]
     if RNE_BF16:  # the interpreter: store the bits (exact values, so no rounding happens)
         bits = (val.to(tl.int32, bitcast=True) >> 16).to(tl.int16)

@@ -273,6 +273,31 @@ def fake_quantize_activation_nvfp4(x: torch.Tensor, backend: str = "triton") -> 
         blocks = 8  # 128 elements per program
         interp = interpret_mode()
         aq.kernel()[3][(m, -(-k // (16 * blocks)))](
-            x, s_t, out, k, x.stride(0), BLOCKS=blocks, EMULATE=interp,
+            x, s_t, out, out, out, k, k, x.stride(0), BLOCKS=blocks, EMULATE=interp,
             RNE_BF16=interp and x.dtype == torch.bfloat16, num_warps=1)
     return out, s_t
+
+
+def quantize_activation_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16/fp16 (finite) -> (E2M1 codes uint8 [M, KQ / 2], two per byte with the
+    even element low; E4M3 block scales uint8 [M, KQ / 16]; the tensor scale s_t float32
+    [1]), KQ = K rounded up to 128 with zero codes and scales: ``lowbit.formats``' NVFP4
+    bit for bit (the codes and scales of ``quantize_tensor(x, "nvfp4")``), for a kernel
+    with FP4 tensor cores (``mx.nvfp4_matmul``)."""
+    _check_x(x)
+    from . import _act_quant_triton as aq
+    from ._weight_only_triton import interpret_mode
+
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    kq = padded_k(k)
+    s_t = nvfp4_tensor_scale(x)
+    codes = torch.empty((m, kq // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((m, kq // 16), dtype=torch.uint8, device=x.device)
+    if m:
+        blocks = 8  # 128 elements per program: the grid covers KQ exactly
+        aq.kernel()[3][(m, kq // (16 * blocks))](
+            x, s_t, codes, codes, scales, k, kq, x.stride(0), BLOCKS=blocks, EMULATE=interpret_mode(),
+            CODES=True, num_warps=1)
+    return codes, scales, s_t

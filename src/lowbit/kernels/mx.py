@@ -15,7 +15,13 @@ a8w8-h200.md). Backends: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET),
 "reference" (fake-quantized activations times the dequantized weight, float32,
 dequantizing on every call), "auto" (triton on Blackwell and under the interpreter,
 else the reference; QuantLinear's own reference caches the dequantized weight).
-NVFP4 (E4M3 scales per 16 and a tensor scale) has no kernel yet: it runs the reference.
+NVFP4 x NVFP4 (``a4w4-nvfp4``: E4M3 scales per 16 and a tensor scale per operand):
+``nvfp4_matmul`` quantizes the activations to codes (``act_quant.quantize_activation_nvfp4``)
+and runs the same kernel with ``tl.dot_scaled`` on E4M3 scales, the tensor scales' product
+on the float32 sums: for Blackwell, where it compiles to the block-scaled FP4 MMA
+(UTCOMMA in sm_100 SASS, compiled offline with Triton 3.6; not run here). Triton 3.6 does
+not compile it for sm_90, and its interpreter checks the kernel's data path with the
+products computed in float32 (``_mx_gemm_triton``).
 
 Without block-scaled MMA (Hopper) ``mx_upcast_matmul`` runs the MX recipes (a8w8-mxfp8,
 a8w4-mxfp4, a4w4-mxfp4) faster than that emulation: one pass writes the MX-quantized
@@ -148,7 +154,7 @@ def mx_matmul(x: torch.Tensor, pm: PackedMX, act_fmt: str, bias: torch.Tensor | 
     return y.reshape(*lead, pm.n)
 
 
-def _launch(codes, scales, act_fmt, pm: PackedMX, bias, y, cfg: A8W8Config) -> None:
+def _launch(codes, scales, act_fmt, pm, bias, y, cfg: A8W8Config, tensor_scale=None) -> None:
     import triton
 
     from . import _mx_gemm_triton as kmx
@@ -164,10 +170,97 @@ def _launch(codes, scales, act_fmt, pm: PackedMX, bias, y, cfg: A8W8Config) -> N
         codes, scales, pm.codes, pm.scales, bias if bias is not None else pm.scales, y, ws,
         m, n, kq, nt, tps, y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        A_FP4=act_fmt == "mxfp4", W_FP4=pm.fmt == "mxfp4", PARTIAL=split > 1, HAS_BIAS=bias is not None,
-        RNE_BF16=rne, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        A_FP4=act_fmt in ("mxfp4", "nvfp4"), W_FP4=pm.fmt in ("mxfp4", "nvfp4"), PARTIAL=split > 1,
+        HAS_BIAS=bias is not None, RNE_BF16=rne, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **(dict(NV=True, EMULATE=interpret_mode(), ts_ptr=tensor_scale) if pm.fmt == "nvfp4" else {}),
     )
     reduce_split(ws, split, bias, y, rne)
+
+
+@dataclass(frozen=True, repr=False)
+class PackedNVFP4:
+    """An NVFP4 weight in the kernel's layout: E2M1 codes uint8 [N, KQ / 2] (two per byte,
+    even element low), E4M3 scale bytes uint8 [N, KQ / 16], the tensor scale float32 [1];
+    KQ = K rounded up to 128 (zero codes and scales)."""
+
+    n: int
+    k: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    tensor_scale: torch.Tensor
+    fmt: str = "nvfp4"
+
+    @property
+    def kq(self) -> int:
+        return self.scales.shape[1] * 16
+
+    def __repr__(self) -> str:
+        return f"PackedNVFP4(N={self.n}, K={self.k}, {self.codes.device})"
+
+
+def pack_nvfp4(qt, device=None) -> PackedNVFP4:
+    why = None if qt.fmt == "nvfp4" else f"{qt.fmt} weights (the NVFP4 kernel takes nvfp4)"
+    n, k, kq, device = packing_shape(qt, why, "NVFP4 kernel", device)
+    ts = qt.global_scale.to(device=device, dtype=torch.float32).reshape(1)
+    return PackedNVFP4(n, k, pad_columns(qt.codes, kq // 2, device=device), pad_columns(qt.scales, kq // 16, device=device),
+                       ts)
+
+
+def _nvfp4_weight(pn: PackedNVFP4) -> torch.Tensor:
+    """float32 [N, K]: the weight's values (via lowbit.formats)."""
+    from ..formats import QTensor
+
+    qt = QTensor(fmt="nvfp4", shape=torch.Size((pn.n, pn.k)), axis=1, codes=pn.codes[:, : -(-pn.k // 2)].contiguous(),
+                 scales=pn.scales[:, : -(-pn.k // 16)].contiguous(), tile=(1, 16), global_scale=pn.tensor_scale[0])
+    return qt.dequantize()
+
+
+def nvfp4_reference(x2: torch.Tensor, pn: PackedNVFP4, bias=None) -> torch.Tensor:
+    """NVFP4-quantized x (float32) @ the weight's values^T (+ bias), in x's dtype."""
+    from ..formats import fake_quantize
+
+    y = fake_quantize(x2.float(), "nvfp4") @ _nvfp4_weight(pn).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)
+
+
+def nvfp4_matmul(x: torch.Tensor, pn: PackedNVFP4, bias: torch.Tensor | None = None, backend: str = "auto",
+                 config: A8W8Config | None = None) -> torch.Tensor:
+    """y = nvfp4_quantize(x) @ W^T (+ bias), in x's dtype (bf16 or fp16), W NVFP4:
+    ``tl.dot_scaled`` on E2M1 codes with E4M3 scales per 16, the two tensor scales on
+    the float32 sums. backend "auto": the kernel on GPUs with block-scaled MMA (Blackwell)
+    and under the interpreter, else the reference (Hopper runs a4w4-nvfp4 through
+    ``nvfp4_upcast_matmul``)."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
+    check_matmul_args(x, pn.n, pn.k, bias, "NVFP4")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pn.k)
+    if backend == "auto":
+        from .weight_only import _interpret
+
+        backend = "triton" if ((x.is_cuda and mx_native(x.device)) or _interpret()) else "reference"
+    if backend == "reference":
+        return nvfp4_reference(x2, pn, bias).reshape(*lead, pn.n)
+    if x.is_cuda and not mx_native(x.device):
+        raise ValueError("the NVFP4 kernel needs block-scaled MMA (Blackwell, compute capability 10+): Triton 3.6 "
+                         "does not compile tl.dot_scaled with E4M3 scales for sm_90; on Hopper use "
+                         "nvfp4_upcast_matmul (QuantLinear does) or backend='reference'")
+    m = x2.shape[0]
+    y = torch.empty((m, pn.n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, pn.n)
+    from . import dispatch
+
+    cfg = (config or default_mx_config(m, pn.n, pn.kq, dispatch.num_sms(x.device))).check()
+    if cfg.swap or cfg.tma or cfg.row or cfg.block_k % 128:
+        raise ValueError(f"{cfg}: the NVFP4 kernel is tiled (swap=False, tma=False) with block_k 128")
+    codes, scales, s_t = act_quant.quantize_activation_nvfp4(x2)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    _launch(codes, scales, "nvfp4", pn, bias, y, cfg, tensor_scale=s_t * pn.tensor_scale)
+    return y.reshape(*lead, pn.n)
 
 
 def upcast_activation_applies(act_fmt: str | None, act_options: dict) -> bool:

@@ -113,6 +113,32 @@ def mx_linear(x: torch.Tensor, pm, act_fmt: str, bias: torch.Tensor | None = Non
     return torch.ops.lowbit.mx_linear(x, pm.codes, pm.scales, bias, pm.fmt, pm.n, pm.k, act_fmt)
 
 
+@torch.library.custom_op("lowbit::nvfp4_linear", mutates_args=())
+def _nvfp4_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    tensor_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    k: int,
+) -> torch.Tensor:
+    from .mx import PackedNVFP4, nvfp4_matmul
+
+    pn = PackedNVFP4(n, k, codes, scales, tensor_scale)
+    return nvfp4_matmul(x, pn, bias, backend="auto" if x.is_cuda else "triton")
+
+
+@_nvfp4_linear.register_fake
+def _(x, codes, scales, tensor_scale, bias, n, k):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def nvfp4_linear(x: torch.Tensor, pn, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``mx.nvfp4_matmul(x, pn, bias)`` through the custom op (GPUs with FP4 tensor cores)."""
+    return torch.ops.lowbit.nvfp4_linear(x, pn.codes, pn.scales, pn.tensor_scale, bias, pn.n, pn.k)
+
+
 @torch.library.custom_op("lowbit::mx_fake_quantize", mutates_args=())
 def _mx_fake_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     from .act_quant import fake_quantize_activation_mx

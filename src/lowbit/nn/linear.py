@@ -213,6 +213,10 @@ class QuantLinear(nn.Module):
             from ..kernels.ops import mx_linear
 
             return mx_linear(x, self.packed_mx(), self.activation.fmt, b)
+        if self._nvfp4_native_applies(x):
+            from ..kernels.ops import nvfp4_linear
+
+            return nvfp4_linear(x, self.packed_nvfp4(), b)
         if self._kernel_applies(x):
             pw = self.packed_weight(x.dtype)
             if pw.triton_supported:
@@ -272,6 +276,16 @@ class QuantLinear(nn.Module):
                 and act.fmt in ACT_FORMATS and act.options.get("scale_rule", "floor") == "floor"
                 and mx_native(x.device) and mx_unsupported(self.qweight) is None)
 
+    def _nvfp4_native_applies(self, x: torch.Tensor) -> bool:
+        """backend "auto" on a CUDA GPU with block-scaled MMA (Blackwell), bf16/fp16 input,
+        a4w4-nvfp4: the NVFP4 kernel (``lowbit.kernels.mx.nvfp4_matmul``; not run here). On
+        Hopper a4w4-nvfp4 runs the upcast path (``_kernel_applies``)."""
+        from ..kernels.mx import mx_native
+
+        act = self.activation
+        return (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and act.fmt == "nvfp4" and not act.options and self.fmt == "nvfp4" and mx_native(x.device))
+
     def _packed(self, kind, make):
         """``make(qweight)`` for ``kind``, cached until a weight part changes; one packing
         at a time lives beside the canonical buffers (the old one is freed first)."""
@@ -287,6 +301,12 @@ class QuantLinear(nn.Module):
         from ..kernels.mx import pack_mx
 
         return self._packed("mx", pack_mx)
+
+    def packed_nvfp4(self):
+        """The weight in the NVFP4 kernel's layout (``lowbit.kernels.mx.pack_nvfp4``), cached."""
+        from ..kernels.mx import pack_nvfp4
+
+        return self._packed("nvfp4", pack_nvfp4)
 
     def packed_a8w8(self):
         """The weight in the A8W8 kernels' layout (``lowbit.kernels.a8w8.pack_a8w8``), cached."""
