@@ -122,20 +122,27 @@ def default_mx_config(m: int, n: int, kq: int, num_sms: int = 132) -> A8W8Config
     return A8W8Config(128, 128, 128, split, 8, 3)
 
 
-def mx_matmul(x: torch.Tensor, pm: PackedMX, act_fmt: str, bias: torch.Tensor | None = None,
-              backend: str = "auto", config: A8W8Config | None = None) -> torch.Tensor:
-    """y = mx_quantize(x) @ W^T (+ bias), in x's dtype (bf16 or fp16)."""
+def _backend(x: torch.Tensor, packed, bias, backend: str, kernel: str) -> str:
+    """The arguments checked and backend "auto" resolved: the block-scaled kernel on GPUs
+    with block-scaled MMA and under the interpreter, else the reference."""
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
-    if act_fmt not in ACT_FORMATS:
-        raise ValueError(f"activation format {act_fmt!r}: the MX kernel takes {', '.join(ACT_FORMATS)}")
-    check_matmul_args(x, pm.n, pm.k, bias, "MX")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, pm.k)
+    check_matmul_args(x, packed.n, packed.k, bias, kernel)
     if backend == "auto":
         from .weight_only import _interpret
 
         backend = "triton" if ((x.is_cuda and mx_native(x.device)) or _interpret()) else "reference"
+    return backend
+
+
+def mx_matmul(x: torch.Tensor, pm: PackedMX, act_fmt: str, bias: torch.Tensor | None = None,
+              backend: str = "auto", config: A8W8Config | None = None) -> torch.Tensor:
+    """y = mx_quantize(x) @ W^T (+ bias), in x's dtype (bf16 or fp16)."""
+    if act_fmt not in ACT_FORMATS:
+        raise ValueError(f"activation format {act_fmt!r}: the MX kernel takes {', '.join(ACT_FORMATS)}")
+    backend = _backend(x, pm, bias, backend, "MX")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pm.k)
     if backend == "reference":
         return mx_reference(x2, pm, act_fmt, bias).reshape(*lead, pm.n)
     m = x2.shape[0]
@@ -232,15 +239,9 @@ def nvfp4_matmul(x: torch.Tensor, pn: PackedNVFP4, bias: torch.Tensor | None = N
     the float32 sums. backend "auto": the kernel on GPUs with block-scaled MMA (Blackwell)
     and under the interpreter, else the reference (Hopper runs a4w4-nvfp4 through
     ``nvfp4_upcast_matmul``)."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
-    check_matmul_args(x, pn.n, pn.k, bias, "NVFP4")
+    backend = _backend(x, pn, bias, backend, "NVFP4")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pn.k)
-    if backend == "auto":
-        from .weight_only import _interpret
-
-        backend = "triton" if ((x.is_cuda and mx_native(x.device)) or _interpret()) else "reference"
     if backend == "reference":
         return nvfp4_reference(x2, pn, bias).reshape(*lead, pn.n)
     if x.is_cuda and not mx_native(x.device):
