@@ -94,9 +94,8 @@ def kernel():
     """The kernel, wrapped for the current mode; its device functions (the shared tile
     order, bf16 rounding) become this module's globals in the same mode."""
     from . import _a8w8_triton as k8
-    from . import _weight_only_triton as wo
-
     from . import _act_quant_triton as aq
+    from . import _weight_only_triton as wo
 
     mode = interpret_mode()
     if mode not in _JITTED:
