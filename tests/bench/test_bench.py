@@ -24,6 +24,7 @@ from lowbit.bench.timing import (
     nominal_weight_bytes,
     roofline_pct,
     rotation_copies,
+    weight_copies,
 )
 
 # --------------------------------------------------------------------------- shapes
@@ -115,6 +116,9 @@ def test_cycle_calls_walks_the_copies_in_turn_and_l2_has_a_cpu_default():
     fn = cycle_calls([lambda i=i: seen.append(i) or i for i in range(3)])
     assert [fn() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0] and seen == [0, 1, 2, 0, 1, 2, 0]
     assert l2_bytes("cpu") == DEFAULT_L2
+    made = iter(range(1, 100))
+    assert weight_copies(0, lambda: next(made), 2 * DEFAULT_L2, "cpu") == [0, 1]  # 2 x 2 L2 >= 4 x L2
+    assert weight_copies(0, lambda: next(made), 8 * DEFAULT_L2, "cpu") == [0]
 
 
 def test_rel_err():

@@ -151,19 +151,23 @@ def test_mx_fake_quantize_equals_the_reference(fmt, dtype):
 def test_mx_upcast_matmul_equals_the_exact_product(afmt, dtype, m):
     """a8w4-/a4w4-mxfp4 without block-scaled MMA: the exactly dequantized MX activations
     times the MXFP4 weight through the weight-only kernel, against float64."""
-    from lowbit.kernels import pack_weight
     from lowbit.kernels.mx import mx_upcast_matmul
 
-    n, k = 70, 300
-    g = torch.Generator().manual_seed(m)
-    qt = quantize_tensor(torch.randn(n, k, generator=g) * 0.05, "mxfp4")
-    pw = pack_weight(qt, dtype=dtype)
-    x = _x(m, k, dtype, seed=m)
-    bias = torch.randn(n, generator=g).to(dtype)
+    qt, pw, x, bias = _upcast_case("mxfp4", dtype, m)
+    n, k = qt.shape
     y = mx_upcast_matmul(x.reshape(1, m, k), pw, afmt, bias, backend="triton")
     assert y.shape == (1, m, n) and y.dtype == dtype
     codes, scales = quantize_activation_mx_reference(x, afmt)
     _assert_near_exact(y[0], _dequantize(codes, scales, afmt, k).double(), qt.dequantize().double(), bias)
+
+
+def _upcast_case(wfmt, dtype, m, n=70, k=300):
+    """(qt, pw, x, bias): an N(0, 0.05) weight [n, k] in wfmt packed for dtype, x [m, k], bias [n]."""
+    from lowbit.kernels import pack_weight
+
+    g = torch.Generator().manual_seed(m)
+    qt = quantize_tensor(torch.randn(n, k, generator=g) * 0.05, wfmt)
+    return qt, pack_weight(qt, dtype=dtype), _x(m, k, dtype, seed=m), torch.randn(n, generator=g).to(dtype)
 
 
 def _assert_near_exact(y, a, w, bias):
@@ -220,12 +224,8 @@ def test_nvfp4_upcast_matmul_equals_the_exact_product(dtype, m):
     from lowbit.kernels.mx import nvfp4_upcast_matmul
     from lowbit.kernels.ops import nvfp4_fake_quantize
 
-    n, k = 70, 300
-    g = torch.Generator().manual_seed(m)
-    qt = quantize_tensor(torch.randn(n, k, generator=g) * 0.05, "nvfp4")
-    pw = pack_weight(qt, dtype=dtype)
-    x = _x(m, k, dtype, seed=m)
-    bias = torch.randn(n, generator=g).to(dtype)
+    qt, pw, x, bias = _upcast_case("nvfp4", dtype, m)
+    n, k = qt.shape
     y = nvfp4_upcast_matmul(x.reshape(1, m, k), pw, bias, backend="triton")
     assert y.shape == (1, m, n) and y.dtype == dtype
     a = fake_quantize(x, "nvfp4").double()

@@ -225,3 +225,9 @@ def cycle_calls(fns: list[Callable[[], object]]) -> Callable[[], object]:
         return f()
 
     return fn
+
+
+def weight_copies(first, make: Callable[[], object], weight_bytes: int, device) -> list:
+    """[first] plus make()'s new copies (each with its own tensors), so that the set of
+    weight_bytes each totals >= 4x the device's L2 (``rotation_copies``)."""
+    return [first] + [make() for _ in range(rotation_copies(weight_bytes, l2_bytes(device)) - 1)]

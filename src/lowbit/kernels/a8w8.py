@@ -53,10 +53,9 @@ class A8W8Config:
 
     def check(self) -> "A8W8Config":
         if self.row:
-            if not (1 <= self.block_n <= 16 and self.block_n & (self.block_n - 1) == 0):
-                raise ValueError(f"block_n={self.block_n}: the row GEMV takes a power of two in [1, 16] rows")
-            if not (128 <= self.block_k <= 8192 and self.block_k & (self.block_k - 1) == 0):
-                raise ValueError(f"block_k={self.block_k}: the row GEMV takes a power of two in [128, 8192]")
+            from .config import check_row_tiling
+
+            check_row_tiling(self.block_n, self.block_k)
             if self.swap or self.tma or self.split_k != 1 or self.block_m != 1:
                 raise ValueError(f"row=True takes block_m=1, split_k=1, no swap or tma, got {self}")
             return self
@@ -284,7 +283,7 @@ def candidate_configs(m: int, n: int, kq: int, two_acc: bool, num_sms: int = 132
 def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=lambda: True, bar=None) -> None:
     """``dispatch.tune`` for an a8w8 recipe: time every candidate (activation
     quantization included), reject any with a wrong result, record the fastest."""
-    from ..bench.timing import cycle_calls, l2_bytes, rotation_copies, time_cuda_graph
+    from ..bench.timing import cycle_calls, time_cuda_graph, weight_copies
     from ..formats import quantize_tensor
     from ..nn.recipes import parse_recipe
     from .dispatch import TUNE_TOL, confirm_fastest, num_sms
@@ -301,12 +300,12 @@ def tune_a8w8(recipe, shapes, ms, device, dtype, cache, log=print, budget_left=l
         pa = pack_a8w8(qt)
         wb = w.to(dtype)
         del w, qt
-        l2 = l2_bytes(device)  # weight copies totalling >= 4x L2, as in dispatch.tune
-        pas = [pa] + [pack_a8w8(quantize_tensor(torch.randn(n, k, device=device, generator=gen) * 0.02,
-                                                r.weight_fmt, **r.weight_options))
-                      for _ in range(rotation_copies(pa.codes.numel(), l2) - 1)]
-        wbs = [wb] + [torch.randn(n, k, device=device, generator=gen).to(dtype)
-                      for _ in range(rotation_copies(wb.numel() * wb.element_size(), l2) - 1)]
+        # weight copies totalling >= 4x L2, as in dispatch.tune
+        pas = weight_copies(pa, lambda: pack_a8w8(quantize_tensor(torch.randn(n, k, device=device, generator=gen) * 0.02,
+                                                                  r.weight_fmt, **r.weight_options)),
+                            pa.codes.numel(), device)
+        wbs = weight_copies(wb, lambda: torch.randn(n, k, device=device, generator=gen).to(dtype),
+                            wb.numel() * wb.element_size(), device)
         for m in ms:
             if bar is not None:
                 bar.update(1)

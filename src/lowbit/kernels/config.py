@@ -7,6 +7,14 @@ from dataclasses import dataclass
 from .packing import PackedWeight, kmajor_supported, row_supported
 
 
+def check_row_tiling(block_n: int, block_k: int) -> None:
+    """The row GEMV's tiling (``_row_gemv_triton``): block_n rows, block_k bytes per step."""
+    if not (1 <= block_n <= 16 and block_n & (block_n - 1) == 0):
+        raise ValueError(f"block_n={block_n}: the row GEMV takes a power of two in [1, 16] rows")
+    if not (128 <= block_k <= 8192 and block_k & (block_k - 1) == 0):
+        raise ValueError(f"block_k={block_k}: the row GEMV takes a power of two in [128, 8192]")
+
+
 @dataclass(frozen=True)
 class WeightOnlyConfig:
     """Launch config of the Triton weight-only kernel.
@@ -72,10 +80,7 @@ class WeightOnlyConfig:
             raise ValueError(f"mode 'row': {why}")
         if self.block_m != 1 or self.split_k != 1:
             raise ValueError(f"mode 'row' runs one token, all of K per program: block_m=1, split_k=1, got {self}")
-        if not (1 <= self.block_n <= 16 and self.block_n & (self.block_n - 1) == 0):
-            raise ValueError(f"block_n={self.block_n}: mode 'row' takes a power of two in [1, 16] rows")
-        if not (128 <= self.block_k <= 8192 and self.block_k & (self.block_k - 1) == 0):
-            raise ValueError(f"block_k={self.block_k}: mode 'row' takes a power of two in [128, 8192]")
+        check_row_tiling(self.block_n, self.block_k)
         if self.num_warps not in (1, 2, 4, 8):
             raise ValueError(f"num_warps={self.num_warps}: mode 'row' takes 1, 2, 4 or 8")
         return self

@@ -361,7 +361,7 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
     device = torch.device(device or "cuda")
     if device.type != "cuda":
         raise ValueError("tune times kernels on a CUDA GPU; this machine has none (the defaults apply)")
-    from ..bench.timing import cycle_calls, l2_bytes, rotation_copies, time_cuda_graph
+    from ..bench.timing import cycle_calls, time_cuda_graph, weight_copies
 
     cache = cache or load_cache(device)
     t0 = time.time()
@@ -391,12 +391,11 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
             # timed calls cycle through weight copies totalling >= 4x L2, as the benchmark
             # does: one copy of a weight a few times the L2 still partly hits it between
             # replays (about 10% on 8192x28672 int8, docs/perf/experiments/row-gemv-h200.md)
-            l2 = l2_bytes(device)
-            pws = [pw] + [pack_weight(quantize_tensor(torch.randn(n, k, device=device, generator=gen) * 0.02,
-                                                      r.weight_fmt, **r.weight_options), dtype=dtype)
-                          for _ in range(rotation_copies(pw.nbytes, l2) - 1)]
-            wbs = [wb] + [torch.randn(n, k, device=device, generator=gen).to(dtype)
-                          for _ in range(rotation_copies(wb.numel() * wb.element_size(), l2) - 1)]
+            pws = weight_copies(pw, lambda: pack_weight(quantize_tensor(
+                torch.randn(n, k, device=device, generator=gen) * 0.02, r.weight_fmt, **r.weight_options), dtype=dtype),
+                pw.nbytes, device)
+            wbs = weight_copies(wb, lambda: torch.randn(n, k, device=device, generator=gen).to(dtype),
+                                wb.numel() * wb.element_size(), device)
             for m in ms:
                 bar.update(1)
                 if budget_s is not None and time.time() - t0 > budget_s:
