@@ -64,8 +64,8 @@ from .timing import (FP8_FLOPS, cycle_calls, l2_bytes, nominal_weight_bytes, roo
                      time_cuda_graph, time_eager)
 
 DEFAULT_RECIPES: tuple[str, ...] = ("a16w4-int-g128", "a16w4-mxfp4", "a16w4-nvfp4", "a16w8-int8", "a16w8-fp8", "a16w2-int-g64",
-                                    "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128", "a8w8-mxfp8", "a8w4-mxfp4", "a4w4-mxfp4",
-                                    "a4w4-nvfp4")
+                                    "a8w8-fp8", "a8w8-int8", "a8w8-fp8-b128", "a8w8-mxfp8", "a8w4-mxfp4", "a8w4-fp8-mxfp4",
+                                    "a4w4-mxfp4", "a4w4-nvfp4")
 TOP_KEYS: tuple[str, ...] = ("gpu", "date", "commit", "torch", "triton", "rows")
 ROW_KEYS: tuple[str, ...] = ("shape", "n", "k", "m", "method", "us", "speedup_vs_bf16", "roofline_pct", "rel_err")
 
@@ -96,6 +96,8 @@ def lowbit_method(recipe: str, w: torch.Tensor, backend: str = "auto") -> Prepar
             return mx_method(recipe, rc, w, backend)
         if rc.activation.fmt == "nvfp4":
             return nvfp4_method(recipe, rc, w, backend)
+        if rc.weight_fmt == "mxfp4":
+            return w4a8_method(recipe, rc, w, backend)
         return a8w8_method(recipe, rc, w, backend)
     try:
         from ..kernels import pack_weight, weight_only_matmul, weight_only_matmul_reference
@@ -174,6 +176,44 @@ def a8w8_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prep
                         "against float64)",
         first=bind(pa),
         extra_checks=[("a8w8_reference vs float64", vs_float64)],
+    )
+
+
+def w4a8_method(recipe: str, rc, w: torch.Tensor, backend: str = "auto") -> Prepared:
+    """a8w4-fp8-mxfp4: the FP8 activation quantization and the W4A8 strategy that
+    ``w4a8_matmul`` picks by M (the fold into E4M3 and the FP8 GEMM, or the weight-only
+    kernels on the codes), all inside every timing."""
+    from ..formats import quantize_tensor
+    from ..kernels.act_quant import quantize_activation_reference
+    from ..kernels.w4a8 import pack_w4a8, w4a8_matmul, w4a8_reference
+
+    qt = quantize_tensor(w, rc.weight_fmt, **rc.weight_options)
+    device = w.device
+    pw = pack_w4a8(qt, torch.bfloat16, device)
+    kb = "reference" if backend == "reference" else "auto"
+    w64_cache: list = []
+
+    def bind(p):
+        return lambda x: w4a8_matmul(x, p, backend=kb)
+
+    def vs_float64(x, y_ref):
+        if not w64_cache:
+            w64_cache.append(qt.dequantize().double())
+        codes, sa = quantize_activation_reference(x, "fp8_e4m3")
+        a = codes.view(torch.float8_e4m3fn).double()[:, : pw.k] * sa.double()[:, None]
+        return rel_err(y_ref, a @ w64_cache[0].to(a.device).T)
+
+    return Prepared(
+        method=f"lowbit:{recipe}",
+        # re-quantized: a copy of its own (the fold reads the canonical codes)
+        make=lambda: bind(pack_w4a8(quantize_tensor(w, rc.weight_fmt, **rc.weight_options), torch.bfloat16, device)),
+        reference=lambda x: w4a8_reference(x, pw).double(),
+        weight_bytes=nominal_weight_bytes(qt),
+        flops_rate=FP8_FLOPS,
+        checked_against="w4a8_reference (the same FP8 activation quantization, float32 products; cross-checked "
+                        "against float64)" + ("" if pw.fold_unsupported is None else f"; {pw.fold_unsupported}"),
+        first=bind(pw),
+        extra_checks=[("w4a8_reference vs float64", vs_float64)],
     )
 
 

@@ -133,7 +133,7 @@ def _load_step(wp, xp, k0, offs_k, K, EVEN_K: tl.constexpr):
 def _store_row(y, offs_n, n_ok, bias_ptr, y_ptr, HAS_BIAS: tl.constexpr, RNE_BF16: tl.constexpr):
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if RNE_BF16:
+    if RNE_BF16 and y_ptr.dtype.element_ty == tl.bfloat16:  # not for float32 outputs
         y = _round_to_bf16(y)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 

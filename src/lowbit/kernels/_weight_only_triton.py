@@ -755,7 +755,7 @@ def _store_tile(acc, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, pid_k, y_ptr, 
                 acc += bias[:, None]
             else:
                 acc += bias[None, :]
-        if RNE_BF16:
+        if RNE_BF16 and y_ptr.dtype.element_ty == tl.bfloat16:  # not for float32 outputs
             acc = _round_to_bf16(acc)
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -837,7 +837,7 @@ def _splitk_reduce_kernel(
         ptrs += MN
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    if RNE_BF16:
+    if RNE_BF16 and y_ptr.dtype.element_ty == tl.bfloat16:
         acc = _round_to_bf16(acc)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 

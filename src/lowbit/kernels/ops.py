@@ -173,3 +173,47 @@ def nvfp4_fake_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x's NVFP4 values with the tensor scale factored out, in x's dtype, and that scale
     (float32 [1]): ``act_quant.fake_quantize_activation_nvfp4`` through the custom op."""
     return torch.ops.lowbit.nvfp4_fake_quantize(x)
+
+
+@torch.library.custom_op("lowbit::w4a8_linear", mutates_args=())
+def _w4a8_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    emax: torch.Tensor,
+    row_scales: torch.Tensor,
+    wo_codes: torch.Tensor,
+    wo_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    k: int,
+    fold_unsupported: str,
+    family: str,
+    bits: int,
+    group: int,
+    kpad: int,
+    npad: int,
+) -> torch.Tensor:
+    from .w4a8 import PackedW4A8, w4a8_matmul
+
+    wo = PackedWeight("mxfp4", n, k, None, x.dtype, wo_codes, wo_scales, None, Layout(family, bits, group, kpad, npad))
+    pw = PackedW4A8(n, k, codes, scales, emax, row_scales, fold_unsupported or None, wo)
+    return w4a8_matmul(x, pw, bias, backend="auto" if x.is_cuda else "triton")
+
+
+@_w4a8_linear.register_fake
+def _(x, codes, scales, emax, row_scales, wo_codes, wo_scales, bias, n, k, fold_unsupported, family, bits, group,
+      kpad, npad):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def w4a8_linear(x: torch.Tensor, pw, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``w4a8.w4a8_matmul(x, pw, bias)`` through the custom op (``pw`` packed for x's dtype)."""
+    wo = pw.weight
+    if wo is None or wo.layout is None or wo.biases is not None:
+        raise ValueError(f"{pw}: needs its weight-only layout (pack_w4a8(qt, dtype=x.dtype))")
+    lay = wo.layout
+    return torch.ops.lowbit.w4a8_linear(
+        x, pw.codes, pw.scales, pw.emax, pw.row_scales, wo.codes, wo.scales, bias, pw.n, pw.k,
+        pw.fold_unsupported or "", lay.family, lay.bits, lay.group, lay.kpad, lay.npad,
+    )

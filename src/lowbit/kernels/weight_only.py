@@ -94,16 +94,22 @@ def weight_only_matmul(
     backend: str = "auto",
     *,
     config: WeightOnlyConfig | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = x W^T + bias with W = ``pw`` (``pack_weight(qtensor, dtype=x.dtype)``).
 
     x [..., K] (bf16/fp16 for the kernels; any float for the reference) -> [..., N]
-    in x.dtype. ``backend`` is "auto", "triton", "dequant" or "reference" (module
-    docstring); ``config`` overrides the Triton launch config.
+    in x.dtype, or in float32 with ``out_dtype=torch.float32`` (the float32 sums
+    plus bias, not rounded to x's dtype: for callers that scale them further).
+    ``backend`` is "auto", "triton", "dequant" or "reference" (module docstring);
+    ``config`` overrides the Triton launch config.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_weight_only_args(x, pw, bias)
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be x's dtype ({x.dtype}) or torch.float32, got {out_dtype}")
+    f32 = out_dtype == torch.float32 and x.dtype != torch.float32
     if config is not None and backend not in ("auto", "triton"):
         raise ValueError("config= applies to the Triton backend only")
     lead = x.shape[:-1]
@@ -122,6 +128,8 @@ def weight_only_matmul(
         if why:
             raise ValueError(f"backend={backend!r} cannot run this call: {why}")
     if backend == "reference":
+        if f32:  # the same products, summed and returned in float32
+            return weight_only_matmul_reference(x, pw, bias, weight_dtype=x.dtype, out_dtype=torch.float32)
         return weight_only_matmul_reference(x, pw, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -129,9 +137,9 @@ def weight_only_matmul(
         bias = bias.to(x.dtype).contiguous()  # the reference adds bias in x's dtype
     with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():  # Triton launches on the current device
         if backend == "dequant":
-            y = _dequant_matmul(x2, pw, bias)
+            y = _dequant_matmul(x2, pw, bias, f32)
         else:
-            y = _triton_matmul(x2, pw, bias, config)
+            y = _triton_matmul(x2, pw, bias, config, torch.float32 if f32 else x2.dtype)
     return y.reshape(*lead, pw.n)
 
 
@@ -143,23 +151,26 @@ class _nullcontext:
         return False
 
 
-def _dequant_matmul(x2, pw, bias):
+def _dequant_matmul(x2, pw, bias, f32: bool = False):
     from . import _weight_only_triton
 
     m = x2.shape[0]
     if m == 0:
-        return torch.empty((0, pw.n), dtype=x2.dtype, device=x2.device)
+        return torch.empty((0, pw.n), dtype=torch.float32 if f32 else x2.dtype, device=x2.device)
     wt = _weight_only_triton.dequantize_t(pw, x2.dtype)  # [K, N]
+    if f32:  # float32 sums of the same products (x and W^T exact in float32)
+        y = torch.matmul(x2.float(), wt.float())
+        return y if bias is None else y + bias.float()
     if bias is not None:  # added before the output's rounding, as F.linear does
         return torch.addmm(bias, x2, wt)
     return torch.matmul(x2, wt)
 
 
-def _triton_matmul(x2, pw, bias, config):
+def _triton_matmul(x2, pw, bias, config, out_dtype):
     from . import _weight_only_triton
 
     m = x2.shape[0]
-    y = torch.empty((m, pw.n), dtype=x2.dtype, device=x2.device)
+    y = torch.empty((m, pw.n), dtype=out_dtype, device=x2.device)
     if m == 0:
         return y
     if config is None:

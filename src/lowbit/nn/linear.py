@@ -37,7 +37,8 @@ class QuantLinear(nn.Module):
     GPU kernels (``lowbit.kernels``: the dispatcher picks the kernel by shape,
     as the custom op ``torch.ops.lowbit.weight_only_linear``), a8w8-fp8 and
     a8w8-int8 recipes through the A8W8 kernels (``torch.ops.lowbit.a8w8_linear``:
-    activation quantization, then the FP8/INT8 tensor-core GEMM), MX recipes
+    activation quantization, then the FP8/INT8 tensor-core GEMM), a8w4-fp8-mxfp4
+    through the W4A8 op (``torch.ops.lowbit.w4a8_linear``), MX recipes
     (a8w8-mxfp8, a8w4-mxfp4, a4w4-mxfp4) through the MX kernel
     (``torch.ops.lowbit.mx_linear``, tl.dot_scaled) on GPUs with block-scaled MMA,
     and elsewhere (Hopper) the MX recipes as MX activations dequantized
@@ -209,6 +210,10 @@ class QuantLinear(nn.Module):
             return a8w8_linear(xt, self.packed_a8w8(), b, self.input_scale if fused else None)
         x = self.transform_input(x)
         b = None if self.bias is None else self.bias.to(x.dtype)
+        if self._w4a8_applies(x):
+            from ..kernels.ops import w4a8_linear
+
+            return w4a8_linear(x, self.packed_w4a8(x.dtype), b)
         if self._mx_applies(x):
             from ..kernels.ops import mx_linear
 
@@ -263,6 +268,17 @@ class QuantLinear(nn.Module):
 
         return a8w8_unsupported(self.qweight) is None
 
+    def _w4a8_applies(self, x: torch.Tensor) -> bool:
+        """backend "auto" on CUDA, bf16/fp16 input, FP8 activations per token with MXFP4
+        weights (a8w4-fp8-mxfp4): the W4A8 op (``lowbit.kernels.w4a8``)."""
+        act = self.activation
+        if not (self.backend == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and act.fmt == "fp8_e4m3" and act.options == {"granularity": "token"}):
+            return False
+        from ..kernels.w4a8 import w4a8_unsupported
+
+        return w4a8_unsupported(self.qweight) is None
+
     def _mx_applies(self, x: torch.Tensor) -> bool:
         """backend "auto" on a CUDA GPU with block-scaled MMA (Blackwell, compute capability
         10+), bf16/fp16 input, MXFP8/MXFP4 activations (the spec's floor rule) with MXFP8/MXFP4
@@ -313,6 +329,13 @@ class QuantLinear(nn.Module):
         from ..kernels.a8w8 import pack_a8w8
 
         return self._packed("a8w8", pack_a8w8)
+
+    def packed_w4a8(self, dtype: torch.dtype):
+        """The weight in the W4A8 layout for ``dtype`` activations (``lowbit.kernels.w4a8.pack_w4a8``:
+        the canonical buffers, the fold's row exponents and the weight-only layout), cached."""
+        from ..kernels.w4a8 import pack_w4a8
+
+        return self._packed(("w4a8", dtype), lambda qt: pack_w4a8(qt, dtype=dtype))
 
     def packed_weight(self, dtype: torch.dtype):
         """The weight in the weight-only kernels' layout for ``dtype`` activations

@@ -4,6 +4,8 @@
     a8w8-fp8            FP8 E4M3 weights per channel, FP8 activations per token
     a8w8-fp8-b128       FP8 E4M3 weights in 128 x 128 blocks, activations in 1 x 128 blocks
     a8w4-mxfp4          MXFP8 activations x MXFP4 weights
+    a8w4-fp8-mxfp4      FP8 E4M3 activations per token x MXFP4 weights (W4A8 on the FP8
+                        tensor cores, lowbit.kernels.w4a8)
     a4w4-nvfp4          NVFP4 activations and weights
 
 Optional method suffixes name the algorithms that pick scales and codes: at most
@@ -47,7 +49,12 @@ _WEIGHT_FORMATS = {
     "mxfp6": ("mxfp6_e2m3", {}),
     "mxfp4": ("mxfp4", {}),
     "nvfp4": ("nvfp4", {}),
+    # W4A8: MXFP4 weights with FP8 activations per token (the body names both formats)
+    "fp8-mxfp4": ("mxfp4", {}),
 }
+
+# weight parts that name their activation format too: only with that many activation bits
+_ACT_NAMED = {"fp8-mxfp4": 8}
 
 # (activation bits, weight family) -> activation format and its options
 _ACTIVATIONS = {
@@ -58,6 +65,7 @@ _ACTIVATIONS = {
     (8, "mxfp8"): ("mxfp8_e4m3", {}),
     (8, "mxfp4"): ("mxfp8_e4m3", {}),
     (8, "mxfp6"): ("mxfp8_e4m3", {}),
+    (8, "fp8-mxfp4"): ("fp8_e4m3", {"granularity": "token"}),
     (4, "mxfp4"): ("mxfp4", {}),
     (4, "nvfp4"): ("nvfp4", {}),
 }
@@ -67,7 +75,7 @@ _NAME = re.compile(r"^a(?P<a>16|8|4)w(?P<w>8|6|4|3|2)-(?P<rest>[a-z0-9]+(?:-[a-z
 EXAMPLES = (
     "a16w8-int8 a16w8-fp8 a16w4-int-g32 a16w4-int-g64 a16w4-int-g128 a16w3-int-g64 "
     "a16w2-int-g64 a8w8-fp8 a8w8-int8 a16w8-mxfp8 a16w6-mxfp6 a16w4-mxfp4 a16w4-nvfp4 "
-    "a8w4-mxfp4 a4w4-mxfp4 a4w4-nvfp4"
+    "a8w4-mxfp4 a8w4-fp8-mxfp4 a4w4-mxfp4 a4w4-nvfp4"
 ).split()
 
 
@@ -171,6 +179,8 @@ def parse_recipe(name: str) -> Recipe:
             raise _fail(name, f"{body} weights have {get_format(fmt).bits} bits, not {w_bits}")
     else:
         raise _fail(name, f"unknown weight format {body!r}")
+    if body in _ACT_NAMED and a_bits != _ACT_NAMED[body]:
+        raise _fail(name, f"{body} names {_ACT_NAMED[body]}-bit activations, e.g. a{_ACT_NAMED[body]}w{w_bits}-{body}")
     if a_bits == 16:
         act = ActivationSpec()
     else:

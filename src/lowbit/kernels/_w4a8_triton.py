@@ -1,0 +1,80 @@
+"""Triton kernel of the W4A8 fold (``w4a8.py`` is the public op): an MXFP4 weight
+rewritten as FP8 E4M3 codes with one power-of-two scale per row, exactly.
+
+Each MXFP4 value is e2m1 * 2^(E_b - 127), E_b its 32-block's E8M0 exponent. With
+Emax the row's largest exponent (over blocks holding a nonzero code) and
+d = E_b - Emax + 6 in [-8, 6], the value is c * 2^(Emax - 133) where
+c = e2m1 * 2^d is an E4M3 number: at most 6 * 2^6 = 384 <= 448, and its two
+significant bits sit at or above E4M3's last subnormal bit 2^-9 (0.5 * 2^-8,
+1.5 * 2^-8). ``w4a8.pack_w4a8`` checks d >= -8 for every nonzero block.
+
+The code is built from bits (no float conversion, so Triton's interpreter and
+the GPU agree): with e2m1 = s|eem, e2m1's magnitude is (1 + m/2) * 2^u0
+(u0 = e - 1, or -1 with m = 0 for the subnormal 0.5), u = u0 + d; E4M3 bits
+(u + 7) << 3 | m << 2 when u >= -6, else the subnormal integer
+(2 + m) * 2^(u + 8) (exact for the u >= -9 allowed). Columns past K (up to KQ,
+K rounded up to 128) are zero.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def _e4m3_of_e2m1(c, d):
+    """E4M3 bit patterns (int32) of e2m1 codes ``c`` times 2^d, d in [-8, 6]."""
+    mag = c & 7
+    sub = mag == 1  # 0.5 = 1.0 * 2^-1
+    m = tl.where(sub, 0, mag & 1)
+    u = tl.where(sub, -1, (mag >> 1) - 1) + d
+    normal = ((u + 7) << 3) | (m << 2)
+    subnormal = ((2 + m) << tl.maximum(u + 9, 0)) >> 1
+    bits = tl.where(u >= -6, normal, subnormal)
+    return tl.where(mag == 0, 0, bits) | ((c & 8) << 4)
+
+
+def _fold_kernel(
+    codes_ptr, scales_ptr, emax_ptr, out_ptr,
+    N, K, KB, NB, KQ,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # output columns per program (even)
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # byte columns: elements 2b, 2b + 1
+    n_ok = offs_n < N
+    rows = offs_n.to(tl.int64)
+    byte = tl.load(codes_ptr + rows[:, None] * KB + offs_b[None, :],
+                   mask=n_ok[:, None] & (offs_b < KB)[None, :], other=0).to(tl.int32)
+    e = tl.load(scales_ptr + rows[:, None] * NB + (offs_b // 16)[None, :],
+                mask=n_ok[:, None] & (offs_b // 16 < NB)[None, :], other=0).to(tl.int32)
+    emax = tl.load(emax_ptr + offs_n, mask=n_ok, other=0)
+    d = e - emax[:, None] + 6
+    lo = _e4m3_of_e2m1(byte & 15, d)
+    hi = _e4m3_of_e2m1(byte >> 4, d)
+    lo = tl.where((2 * offs_b < K)[None, :], lo, 0)
+    hi = tl.where((2 * offs_b + 1 < K)[None, :], hi, 0)
+    out = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.uint8)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * KQ + offs_k[None, :], out,
+             mask=n_ok[:, None] & (offs_k < KQ)[None, :])
+
+
+_JITTED: dict = {}
+_OWN_HELPERS = {"_e4m3_of_e2m1": _e4m3_of_e2m1}
+
+
+def kernel():
+    """The fold kernel for the current mode (compiled, or interpreted); its device
+    function becomes this module's global in the same mode."""
+    from ._weight_only_triton import interpret_mode
+
+    mode = interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = (triton.jit(_fold_kernel, do_not_specialize=["N"]),
+                         {name: triton.jit(fn) for name, fn in _OWN_HELPERS.items()})
+    fold, own = _JITTED[mode]
+    globals().update(own)
+    return fold

@@ -1,0 +1,275 @@
+"""W4A8: MXFP4 weights x FP8 E4M3 activations per token (recipe ``a8w4-fp8-mxfp4``).
+
+```python
+pw = pack_w4a8(qt, dtype=torch.bfloat16)   # qt: an MXFP4 QTensor [N, K]; once, at load time
+y = w4a8_matmul(x, pw, bias=None)          # x [..., K] bf16/fp16 -> [..., N] in x.dtype
+```
+
+The product is y = (qa * sa) @ W^T (+ bias): qa the E4M3 codes of x with one
+scale sa per token (``act_quant.quantize_activation``, as ``a8w8-fp8``), W the
+MXFP4 weight. Two strategies compute it, both without rounding either operand:
+
+- ``"fold"`` (large M, compute-bound): ``_w4a8_triton`` rewrites the weight as
+  E4M3 codes with one power-of-two scale per row, exactly (its module note:
+  possible when each row's nonzero 32-blocks span at most 14 binary exponents,
+  checked at packing), into a temporary [N, KQ] buffer; then the A8W8 GEMM of
+  ``a8w8.py`` runs on the FP8 tensor cores (the same kernel, configs and tuning
+  entries as ``a8w8-fp8``). The fold reads the 4-bit weight once per call: about
+  2.5 bytes of traffic per weight, small beside a large-M GEMM.
+- ``"upcast"`` (small M, memory-bound): the codes qa, exact in bf16 and fp16,
+  times the weight through the weight-only kernels (``weight_only_matmul``, the
+  dispatcher's GEMV / MMA choice, float32 sums returned unrounded), then
+  sa * sums (+ bias), cast once.
+
+``strategy="auto"`` folds from ``FOLD_MIN_M`` rows on (weights that cannot fold
+run "upcast" at every M, ``pack_w4a8`` logs why; weights the weight-only kernels do
+not take fold at every M). Backends: "triton" (CUDA, or
+CPU tensors under TRITON_INTERPRET), "reference" (pure torch: the same
+activation quantization, float32 products of the dequantized operands), "auto"
+(triton on CUDA, the reference elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import act_quant
+from .act_quant import check_matmul_args, padded_k
+
+logger = logging.getLogger("lowbit.kernels")
+
+STRATEGIES = ("auto", "fold", "upcast")
+# rows from which "auto" folds (28672x4096 on the H200: see docs/kernels-a8w8.md)
+FOLD_MIN_M = 128
+FOLD_SPAN = 14  # a row's nonzero blocks' exponents may span this much: d = E - Emax + 6 >= -8
+
+
+@dataclass(frozen=True, repr=False)
+class PackedW4A8:
+    """An MXFP4 weight for ``w4a8_matmul``: the canonical codes (uint8 [N, ceil(K/2)],
+    even k in the low nibble) and E8M0 exponents (uint8 [N, ceil(K/32)]), the fold's
+    row exponents ``emax`` (int32 [N]) and row scales 2^(emax - 133) (float32 [N]),
+    ``fold_unsupported`` (why the fold cannot be exact, or None), and the weight in
+    the weight-only kernels' layout for ``dtype`` activations (the upcast strategy)."""
+
+    n: int
+    k: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    emax: torch.Tensor
+    row_scales: torch.Tensor
+    fold_unsupported: str | None
+    weight: object  # PackedWeight, or None (the reference backend needs none)
+
+    @property
+    def kq(self) -> int:
+        return padded_k(self.k)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None if self.weight is None else self.weight.dtype
+
+    @property
+    def upcast_unsupported(self) -> str | None:
+        """Why the upcast strategy cannot run this weight (None if it can)."""
+        if self.weight is None:
+            return "it was packed without a weight-only layout (dtype=None): pack_w4a8(qt, dtype=x.dtype)"
+        if not self.weight.triton_supported:
+            return f"the weight-only kernels do not take it ({self.weight.unsupported})"
+        return None
+
+    def qtensor(self):
+        from ..formats import QTensor
+
+        return QTensor(fmt="mxfp4", shape=torch.Size((self.n, self.k)), axis=1, tile=(1, 32),
+                       options={"scale_rule": "floor"}, codes=self.codes, scales=self.scales)
+
+    def __repr__(self) -> str:
+        fold = "foldable" if self.fold_unsupported is None else f"not foldable: {self.fold_unsupported}"
+        return f"PackedW4A8(N={self.n}, K={self.k}, {fold}, {self.codes.device})"
+
+
+def w4a8_unsupported(qt) -> str | None:
+    """Why ``qt`` cannot be a W4A8 weight (None if it can)."""
+    if qt.fmt != "mxfp4":
+        return f"{qt.fmt} weights (W4A8 takes mxfp4)"
+    if len(qt.shape) != 2 or qt.axis != 1:
+        return f"a weight of shape {tuple(qt.shape)} quantized along axis {qt.axis} (a 2-D [N, K] along K)"
+    if tuple(qt.tile) != (1, 32):
+        return f"scale tile {qt.tile} (MXFP4: (1, 32))"
+    return None
+
+
+def fold_exponents(codes: torch.Tensor, scales: torch.Tensor, k: int) -> tuple[torch.Tensor, str | None]:
+    """(emax int32 [N], why the fold is not exact or None) for canonical MXFP4 codes and
+    E8M0 exponents: emax is each row's largest exponent over blocks holding a nonzero
+    code (127 for a row of zeros)."""
+    from ..formats.pack import unpack_codes
+
+    n, nb = scales.shape
+    mags = unpack_codes(codes, 4, k) & 7
+    mags = torch.nn.functional.pad(mags, (0, nb * 32 - k)).reshape(n, nb, 32)
+    live = (mags != 0).any(-1)
+    e = scales.to(torch.int32)
+    emax = torch.where(live, e, torch.full_like(e, -1)).amax(1) if nb else torch.full((n,), -1, dtype=torch.int32)
+    emax = torch.where(emax < 0, torch.full_like(emax, 127), emax).to(torch.int32)
+    why = None
+    nan = e == 255  # a NaN block (its codes are zero)
+    low = live & (e < emax[:, None] - FOLD_SPAN)
+    if bool(nan.any()):
+        r = int(nan.any(1).nonzero()[0])
+        why = f"row {r} has a NaN block scale (E8M0 0xFF)"
+    elif bool(low.any()):
+        r = int(low.any(1).nonzero()[0])
+        lo = int(torch.where(live[r], e[r], torch.full_like(e[r], 255)).min())
+        why = (f"row {r}'s nonzero blocks span exponents {lo}..{int(emax[r])}, more than the {FOLD_SPAN} "
+               f"one E4M3 row scale can hold exactly")
+    return emax, why
+
+
+def pack_w4a8(qt, dtype: torch.dtype | None = torch.bfloat16, device=None) -> PackedW4A8:
+    """The W4A8 layout of an MXFP4 QTensor; ``dtype`` (bf16/fp16) packs the weight-only
+    layout of the upcast strategy (None: none, for the reference backend)."""
+    why = w4a8_unsupported(qt)
+    if why is not None:
+        raise ValueError(f"no W4A8 layout for {why}")
+    device = torch.device(device) if device is not None else qt.codes.device
+    n, k = qt.shape
+    codes = qt.codes.to(device).contiguous()
+    scales = qt.scales.view(torch.uint8).to(device).contiguous()
+    emax, fold_why = fold_exponents(codes, scales, k)
+    if fold_why is not None:
+        logger.info("W4A8 weight [%d, %d] runs the upcast strategy at every M: %s", n, k, fold_why)
+    row_scales = torch.ldexp(torch.ones(n, dtype=torch.float32, device=device), emax - 133)
+    weight = None
+    if dtype is not None:
+        from .packing import pack_weight
+
+        weight = pack_weight(qt, dtype=dtype, device=device)
+    return PackedW4A8(n, k, codes, scales, emax, row_scales, fold_why, weight)
+
+
+# ------------------------------------------------------------------ the fold
+
+
+FOLD_TILE = (32, 128, 4)  # rows, output columns, warps per program of the fold kernel
+
+
+def fold_weight(pw: PackedW4A8, tile: tuple[int, int, int] = FOLD_TILE):
+    """The weight as an A8W8 FP8 weight (``a8w8.PackedA8W8``): E4M3 codes [N, KQ] (a new
+    buffer, written by the fold kernel) and the row scales."""
+    import triton
+
+    from . import _w4a8_triton
+    from .a8w8 import PackedA8W8
+
+    if pw.fold_unsupported is not None:
+        raise ValueError(f"this W4A8 weight cannot fold exactly: {pw.fold_unsupported}; use strategy='upcast'")
+    block_n, block_k, warps = tile
+    if block_k % 2 or 128 % block_k and block_k % 128:
+        raise ValueError(f"fold tile {tile}: block_k must divide 128 or be a multiple of it")
+    kq = pw.kq
+    out = torch.empty((pw.n, kq), dtype=torch.uint8, device=pw.codes.device)
+    if pw.n:
+        _w4a8_triton.kernel()[(triton.cdiv(pw.n, block_n), triton.cdiv(kq, block_k))](
+            pw.codes, pw.scales, pw.emax, out, pw.n, pw.k, pw.codes.shape[1], pw.scales.shape[1], kq,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        )
+    return PackedA8W8("fp8_e4m3", pw.n, pw.k, out, pw.row_scales, False)
+
+
+def fold_weight_reference(pw: PackedW4A8) -> torch.Tensor:
+    """The fold in torch: E4M3 bit patterns uint8 [N, KQ] of W / row_scales (exact when
+    ``pw.fold_unsupported`` is None)."""
+    w = pw.qtensor().dequantize().double() / pw.row_scales.double()[:, None]
+    codes = w.float().to(torch.float8_e4m3fn).view(torch.uint8)
+    return act_quant.pad_columns(codes, pw.kq)
+
+
+# ------------------------------------------------------------------ the matmul
+
+
+def w4a8_reference(x2: torch.Tensor, pw: PackedW4A8, bias=None) -> torch.Tensor:
+    """The same activation quantization, then float32 products of the dequantized operands."""
+    codes, sa = act_quant.quantize_activation_reference(x2, "fp8_e4m3")
+    a = codes.view(torch.float8_e4m3fn).float()[:, : pw.k] * sa[:, None]
+    y = a @ pw.qtensor().dequantize().to(a.device).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)
+
+
+def choose_strategy(m: int, pw: PackedW4A8) -> str:
+    """strategy="auto": fold from FOLD_MIN_M rows on, where the weight folds exactly; the
+    one strategy that can run where the other cannot; an error where neither can."""
+    if pw.fold_unsupported is None and (m >= FOLD_MIN_M or pw.upcast_unsupported is not None):
+        return "fold"
+    if pw.upcast_unsupported is None:
+        return "upcast"
+    raise ValueError(f"no W4A8 strategy runs this weight: the fold cannot ({pw.fold_unsupported}) and the "
+                     f"upcast cannot ({pw.upcast_unsupported}); use backend='reference'")
+
+
+def _upcast(x2, pw: PackedW4A8, bias, backend: str) -> torch.Tensor:
+    from .weight_only import weight_only_matmul
+
+    if pw.upcast_unsupported is not None:
+        raise ValueError(f"the upcast strategy cannot run this W4A8 weight: {pw.upcast_unsupported}")
+    codes, sa = act_quant.quantize_activation(x2, "fp8_e4m3", backend="triton")
+    xv = codes[:, : pw.k].view(torch.float8_e4m3fn).to(x2.dtype)  # E4M3 values are exact in bf16 and fp16
+    sums = weight_only_matmul(xv, pw.weight, None, backend=backend, out_dtype=torch.float32)
+    y = sums * sa[:, None]
+    if bias is not None:
+        y += bias.float()
+    return y.to(x2.dtype)
+
+
+def _fold(x2, pw: PackedW4A8, bias) -> torch.Tensor:
+    from .a8w8 import _launch, plan_a8w8
+
+    pa = fold_weight(pw)
+    y = torch.empty((x2.shape[0], pw.n), dtype=x2.dtype, device=x2.device)
+    cfg = plan_a8w8(x2.shape[0], pa, x2.device, x2.dtype).check()
+    codes, sa = act_quant.quantize_activation(x2, "fp8_e4m3", backend="triton")
+    _launch(codes, sa, pa, bias, y, cfg)
+    return y
+
+
+def w4a8_matmul(x: torch.Tensor, pw: PackedW4A8, bias: torch.Tensor | None = None, backend: str = "auto",
+                strategy: str = "auto") -> torch.Tensor:
+    """y = quantize_fp8(x) @ W^T (+ bias), in x's dtype (bf16 or fp16)."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
+    check_matmul_args(x, pw.n, pw.k, bias, "W4A8")
+    if x.device != pw.codes.device:
+        raise ValueError(f"x is on {x.device}, the weight on {pw.codes.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pw.k)
+    if backend == "auto":
+        from .weight_only import _interpret
+
+        backend = "triton" if (x.is_cuda or _interpret()) else "reference"
+    if backend == "reference":
+        return w4a8_reference(x2, pw, bias).reshape(*lead, pw.n)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*lead, pw.n))
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    if strategy == "auto":
+        strategy = choose_strategy(m, pw)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if strategy == "fold":
+            y = _fold(x2, pw, bias)
+        else:
+            y = _upcast(x2, pw, bias, "auto" if x.is_cuda else "triton")
+    return y.reshape(*lead, pw.n)
+
