@@ -16,6 +16,7 @@ DOCUMENTED = {
     "a16w4-mxfp4": ("mxfp4", {}, None, {}),
     "a16w4-nvfp4": ("nvfp4", {}, None, {}),
     "a8w4-mxfp4": ("mxfp4", {}, "mxfp8_e4m3", {}),
+    "a8w4-fp8-mxfp4": ("mxfp4", {}, "fp8_e4m3", {"granularity": "token"}),
     "a4w4-mxfp4": ("mxfp4", {}, "mxfp4", {}),
     "a4w4-nvfp4": ("nvfp4", {}, "nvfp4", {}),
 }

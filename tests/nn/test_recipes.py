@@ -16,7 +16,8 @@ from recipe_table import DOCUMENTED  # noqa: E402  (tests/nn is on sys.path)
 
 README_RECIPES = (
     "a16w8-int8 a16w8-fp8 a16w4-int-g32 a16w4-int-g64 a16w4-int-g128 a16w3-int-g64 a16w2-int-g64 "
-    "a8w8-fp8 a8w8-int8 a16w8-mxfp8 a16w6-mxfp6 a16w4-mxfp4 a16w4-nvfp4 a8w4-mxfp4 a4w4-mxfp4 a4w4-nvfp4"
+    "a8w8-fp8 a8w8-int8 a16w8-mxfp8 a16w6-mxfp6 a16w4-mxfp4 a16w4-nvfp4 a8w4-mxfp4 a8w4-fp8-mxfp4 a4w4-mxfp4 "
+    "a4w4-nvfp4"
 ).split()
 
 

@@ -35,31 +35,33 @@ def _e4m3_of_e2m1(c, d):
 
 
 def _fold_kernel(
-    codes_ptr, scales_ptr, emax_ptr, out_ptr,
-    N, K, KB, NB, KQ,
+    words_ptr, scales_ptr, emax_ptr, out_ptr,
+    N, KW, NB, KQW,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # output columns per program (even)
+    BLOCK_W: tl.constexpr,  # input words (8 codes each) per program
 ):
+    """codes as int32 words [N, KW] (nibble i = element 8w + i) -> E4M3 bytes as int32
+    words [N, KQW] (byte j of word 2w + h = element 8w + 4h + j); one E8M0 exponent per
+    input word (8 elements of one 32-block)."""
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_w = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # byte columns: elements 2b, 2b + 1
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     n_ok = offs_n < N
     rows = offs_n.to(tl.int64)
-    byte = tl.load(codes_ptr + rows[:, None] * KB + offs_b[None, :],
-                   mask=n_ok[:, None] & (offs_b < KB)[None, :], other=0).to(tl.int32)
-    e = tl.load(scales_ptr + rows[:, None] * NB + (offs_b // 16)[None, :],
-                mask=n_ok[:, None] & (offs_b // 16 < NB)[None, :], other=0).to(tl.int32)
+    ok = n_ok[:, None] & (offs_w < KW)[None, :]
+    word = tl.load(words_ptr + rows[:, None] * KW + offs_w[None, :], mask=ok, other=0)
+    e = tl.load(scales_ptr + rows[:, None] * NB + (offs_w // 4)[None, :], mask=ok, other=0).to(tl.int32)
     emax = tl.load(emax_ptr + offs_n, mask=n_ok, other=0)
     d = e - emax[:, None] + 6
-    lo = _e4m3_of_e2m1(byte & 15, d)
-    hi = _e4m3_of_e2m1(byte >> 4, d)
-    lo = tl.where((2 * offs_b < K)[None, :], lo, 0)
-    hi = tl.where((2 * offs_b + 1 < K)[None, :], hi, 0)
-    out = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.uint8)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * KQ + offs_k[None, :], out,
-             mask=n_ok[:, None] & (offs_k < KQ)[None, :])
+    lo = _e4m3_of_e2m1(word & 15, d)
+    hi = _e4m3_of_e2m1((word >> 16) & 15, d)
+    for j in tl.static_range(1, 4):
+        lo |= _e4m3_of_e2m1((word >> (4 * j)) & 15, d) << (8 * j)
+        hi |= _e4m3_of_e2m1((word >> (16 + 4 * j)) & 15, d) << (8 * j)
+    out = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_W))
+    offs_o = pid_w * (2 * BLOCK_W) + tl.arange(0, 2 * BLOCK_W)
+    tl.store(out_ptr + rows[:, None] * KQW + offs_o[None, :], out, mask=n_ok[:, None] & (offs_o < KQW)[None, :])
 
 
 _JITTED: dict = {}

@@ -70,6 +70,12 @@ class PackedW4A8:
         return padded_k(self.k)
 
     @property
+    def words(self) -> torch.Tensor:
+        """The codes as int32 words [N, ceil(K/8)] (8 codes each) that the fold reads: the
+        canonical bytes themselves where a row is whole words (K % 8 == 0), else a padded copy."""
+        return code_words(self.codes)
+
+    @property
     def dtype(self) -> torch.dtype | None:
         return None if self.weight is None else self.weight.dtype
 
@@ -102,6 +108,15 @@ def w4a8_unsupported(qt) -> str | None:
     if tuple(qt.tile) != (1, 32):
         return f"scale tile {qt.tile} (MXFP4: (1, 32))"
     return None
+
+
+def code_words(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, B] as int32 words [N, ceil(B/4)]: a view when B % 4 == 0 (and the
+    storage is aligned), else zero-padded into a new tensor."""
+    b = codes.shape[1]
+    if b % 4 == 0 and codes.is_contiguous() and codes.data_ptr() % 4 == 0:
+        return codes.view(torch.int32)
+    return act_quant.pad_columns(codes, -(-b // 4) * 4).view(torch.int32)
 
 
 def fold_exponents(codes: torch.Tensor, scales: torch.Tensor, k: int) -> tuple[torch.Tensor, str | None]:
@@ -156,7 +171,7 @@ def pack_w4a8(qt, dtype: torch.dtype | None = torch.bfloat16, device=None) -> Pa
 # ------------------------------------------------------------------ the fold
 
 
-FOLD_TILE = (32, 128, 4)  # rows, output columns, warps per program of the fold kernel
+FOLD_TILE = (16, 64, 4)  # rows, input words (8 codes each), warps per program of the fold kernel
 
 
 def fold_weight(pw: PackedW4A8, tile: tuple[int, int, int] = FOLD_TILE):
@@ -169,15 +184,14 @@ def fold_weight(pw: PackedW4A8, tile: tuple[int, int, int] = FOLD_TILE):
 
     if pw.fold_unsupported is not None:
         raise ValueError(f"this W4A8 weight cannot fold exactly: {pw.fold_unsupported}; use strategy='upcast'")
-    block_n, block_k, warps = tile
-    if block_k % 2 or 128 % block_k and block_k % 128:
-        raise ValueError(f"fold tile {tile}: block_k must divide 128 or be a multiple of it")
+    block_n, block_w, warps = tile
     kq = pw.kq
     out = torch.empty((pw.n, kq), dtype=torch.uint8, device=pw.codes.device)
     if pw.n:
-        _w4a8_triton.kernel()[(triton.cdiv(pw.n, block_n), triton.cdiv(kq, block_k))](
-            pw.codes, pw.scales, pw.emax, out, pw.n, pw.k, pw.codes.shape[1], pw.scales.shape[1], kq,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        kw = pw.words.shape[1]
+        _w4a8_triton.kernel()[(triton.cdiv(pw.n, block_n), triton.cdiv(kw, block_w))](
+            pw.words, pw.scales, pw.emax, out.view(torch.int32), pw.n, kw, pw.scales.shape[1], kq // 4,
+            BLOCK_N=block_n, BLOCK_W=block_w, num_warps=warps,
         )
     return PackedA8W8("fp8_e4m3", pw.n, pw.k, out, pw.row_scales, False)
 

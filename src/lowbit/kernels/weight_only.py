@@ -100,7 +100,8 @@ def weight_only_matmul(
 
     x [..., K] (bf16/fp16 for the kernels; any float for the reference) -> [..., N]
     in x.dtype, or in float32 with ``out_dtype=torch.float32`` (the float32 sums
-    plus bias, not rounded to x's dtype: for callers that scale them further).
+    plus bias, not rounded to x's dtype: for callers that scale them further; "auto"
+    then runs the Triton kernels where it would dequantize for cuBLAS).
     ``backend`` is "auto", "triton", "dequant" or "reference" (module docstring);
     ``config`` overrides the Triton launch config.
     """
@@ -123,6 +124,8 @@ def weight_only_matmul(
         if config is not None and p.kernel != "triton":
             raise ValueError(f"config= applies to the Triton backend; this call runs {p.kernel} ({p.reason})")
         backend, config = p.kernel, config or p.config
+        if f32 and backend == "dequant":  # cuBLAS would round to x's dtype (in float32: ~10x slower)
+            backend, config = "triton", None
     elif backend in ("triton", "dequant"):
         why = triton_unsupported(x, pw)
         if why:
