@@ -34,15 +34,30 @@ def _e4m3_of_e2m1(c, d):
     return tl.where(mag == 0, 0, bits) | ((c & 8) << 4)
 
 
+# One word of 8 codes -> two words of 4 E4M3 bytes, with $3 = 2^(d + 7) in both f16 halves.
+# Pair j (codes 2j, 2j + 1): PRMT puts code byte j in byte 1 and the word >> 4's byte j in
+# byte 3, so each f16 half holds one code in its top byte's low nibble; shifts and masks
+# make (s << 15) | (mag << 9), the f16 bits of e2m1 * 2^-14 (mag 1: the subnormal 2^-15);
+# two exact multiplies (2^(d + 7), then 2^7) give e2m1 * 2^d, which the satfinite
+# conversion writes exactly as two E4M3 bytes, the higher code in the higher byte.
+_FOLD_ASM = tl.constexpr("{\n.reg .b32 w4, x, t, f, s2;\n.reg .b16 p0, p1, p2, p3;\nshr.u32 w4, $2, 4;\nmov.b32 s2, 0x58005800;\n" + "".join(
+    f"prmt.b32 x, $2, w4, {sel};\nshl.b32 t, x, 4;\nand.b32 t, t, 0x80008000;\nshl.b32 f, x, 1;\n"
+    f"and.b32 f, f, 0x0E000E00;\nor.b32 f, f, t;\nmul.rn.f16x2 f, f, $3;\nmul.rn.f16x2 f, f, s2;\n"
+    f"cvt.rn.satfinite.e4m3x2.f16x2 p{j}, f;\n"
+    for j, sel in enumerate(("0x4400", "0x5511", "0x6622", "0x7733"))
+) + "mov.b32 $0, {p0, p1};\nmov.b32 $1, {p2, p3};\n}")
+
+
 def _fold_kernel(
     words_ptr, scales_ptr, emax_ptr, out_ptr,
     N, KW, NB, KQW,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # input words (8 codes each) per program
+    ASM: tl.constexpr,  # the GPU's f16 / E4M3 conversions (else integer decoding, for the interpreter)
 ):
-    """codes as int32 words [N, KW] (nibble i = element 8w + i) -> E4M3 bytes as int32
-    words [N, KQW] (byte j of word 2w + h = element 8w + 4h + j); one E8M0 exponent per
-    input word (8 elements of one 32-block)."""
+    """codes as int32 words [N, KW] (nibble i = element 8w + i) -> E4M3 bytes as int64
+    words [N, KQW] (byte j of word w = element 8w + j); one E8M0 exponent per input word
+    (8 elements of one 32-block)."""
     pid_n = tl.program_id(0)
     pid_w = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,14 +69,18 @@ def _fold_kernel(
     e = tl.load(scales_ptr + rows[:, None] * NB + (offs_w // 4)[None, :], mask=ok, other=0).to(tl.int32)
     emax = tl.load(emax_ptr + offs_n, mask=n_ok, other=0)
     d = e - emax[:, None] + 6
-    lo = _e4m3_of_e2m1(word & 15, d)
-    hi = _e4m3_of_e2m1((word >> 16) & 15, d)
-    for j in tl.static_range(1, 4):
-        lo |= _e4m3_of_e2m1((word >> (4 * j)) & 15, d) << (8 * j)
-        hi |= _e4m3_of_e2m1((word >> (16 + 4 * j)) & 15, d) << (8 * j)
-    out = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_W))
-    offs_o = pid_w * (2 * BLOCK_W) + tl.arange(0, 2 * BLOCK_W)
-    tl.store(out_ptr + rows[:, None] * KQW + offs_o[None, :], out, mask=n_ok[:, None] & (offs_o < KQW)[None, :])
+    if ASM:
+        m = tl.minimum(tl.maximum(d + 22, 0), 30) << 10  # the f16 bits of 2^(d + 7) (0 below d = -22)
+        lo, hi = tl.inline_asm_elementwise(_FOLD_ASM, "=r,=r,r,r", [word, m | (m << 16)],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        lo = _e4m3_of_e2m1(word & 15, d)
+        hi = _e4m3_of_e2m1((word >> 16) & 15, d)
+        for j in tl.static_range(1, 4):
+            lo |= _e4m3_of_e2m1((word >> (4 * j)) & 15, d) << (8 * j)
+            hi |= _e4m3_of_e2m1((word >> (16 + 4 * j)) & 15, d) << (8 * j)
+    out = (lo.to(tl.int64) & 0xFFFFFFFF) | (hi.to(tl.int64) << 32)
+    tl.store(out_ptr + rows[:, None] * KQW + offs_w[None, :], out, mask=n_ok[:, None] & (offs_w < KQW)[None, :])
 
 
 _JITTED: dict = {}

@@ -189,9 +189,11 @@ def fold_weight(pw: PackedW4A8, tile: tuple[int, int, int] = FOLD_TILE):
     out = torch.empty((pw.n, kq), dtype=torch.uint8, device=pw.codes.device)
     if pw.n:
         kw = pw.words.shape[1]
-        _w4a8_triton.kernel()[(triton.cdiv(pw.n, block_n), triton.cdiv(kw, block_w))](
-            pw.words, pw.scales, pw.emax, out.view(torch.int32), pw.n, kw, pw.scales.shape[1], kq // 4,
-            BLOCK_N=block_n, BLOCK_W=block_w, num_warps=warps,
+        from ._weight_only_triton import interpret_mode
+
+        _w4a8_triton.kernel()[(triton.cdiv(pw.n, block_n), triton.cdiv(kq // 8, block_w))](
+            pw.words, pw.scales, pw.emax, out.view(torch.int64), pw.n, kw, pw.scales.shape[1], kq // 8,
+            BLOCK_N=block_n, BLOCK_W=block_w, ASM=not interpret_mode(), num_warps=warps,
         )
     return PackedA8W8("fp8_e4m3", pw.n, pw.k, out, pw.row_scales, False)
 
