@@ -11,7 +11,7 @@ from torch import nn
 from lowbit import quantize_tensor
 from lowbit.kernels.act_quant import quantize_activation_reference
 from lowbit.kernels.ops import w4a8_linear
-from lowbit.kernels.w4a8 import FOLD_MIN_M, fold_weight, fold_weight_reference, pack_w4a8, w4a8_matmul
+from lowbit.kernels.w4a8 import FOLD_MIN_M, FOLD_TILE, fold_weight, fold_weight_reference, pack_w4a8, w4a8_matmul
 from lowbit.nn.linear import QuantLinear
 
 from .conftest import wide_cuda_activations as _x
@@ -28,12 +28,13 @@ def _weight(n, k, seed=3):
     return quantize_tensor(w, "mxfp4")
 
 
+@pytest.mark.parametrize("tile", [FOLD_TILE, (16, 64, 4), (32, 64, 8)])
 @pytest.mark.parametrize("n,k", [(28672, 4096), (1000, 1111), (8192, 28672)])
-def test_fold_is_bit_for_bit_the_reference_and_exact(n, k):
+def test_fold_is_bit_for_bit_the_reference_and_exact(n, k, tile):
     qt = _weight(n, k)
     pw = pack_w4a8(qt, dtype=None)
     assert pw.fold_unsupported is None
-    pa = fold_weight(pw)
+    pa = fold_weight(pw, tile)
     assert torch.equal(pa.codes, fold_weight_reference(pw))
     values = pa.codes[:, :k].view(torch.float8_e4m3fn).double() * pa.scales.double()[:, None]
     assert torch.equal(values, qt.dequantize().double())

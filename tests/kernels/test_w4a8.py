@@ -57,6 +57,7 @@ def test_fold_is_exact_and_bit_for_bit_the_reference(n, k, span):
     pa = fold_weight(pw)
     assert pa.codes.shape == (n, pw.kq) and pa.fmt == "fp8_e4m3" and not pa.blockwise
     assert torch.equal(pa.codes, fold_weight_reference(pw))
+    assert torch.equal(fold_weight(pw, (16, 64, 4)).codes, pa.codes)  # another tiling, the same bytes
     assert bool((pa.codes[:, k:] == 0).all())  # the K padding
     # exact: the codes' values times the row scales are the MXFP4 weight, -0.0 kept
     values = _e4m3_values(pa.codes[:, :k]) * pa.scales.double()[:, None]

@@ -43,7 +43,8 @@ from .act_quant import check_matmul_args, padded_k
 logger = logging.getLogger("lowbit.kernels")
 
 STRATEGIES = ("auto", "fold", "upcast")
-# rows from which "auto" folds (28672x4096 on the H200: see docs/kernels-a8w8.md)
+# rows from which "auto" folds: on the H200 the fold wins from 128 on 28672x4096 (104 against
+# 117 us) and from 256 on 8192x28672 (at 128: 218 against 193 us); docs/perf/experiments/w4a8-h200.md
 FOLD_MIN_M = 128
 FOLD_SPAN = 14  # a row's nonzero blocks' exponents may span this much: d = E - Emax + 6 >= -8
 
@@ -171,7 +172,9 @@ def pack_w4a8(qt, dtype: torch.dtype | None = torch.bfloat16, device=None) -> Pa
 # ------------------------------------------------------------------ the fold
 
 
-FOLD_TILE = (16, 64, 4)  # rows, input words (8 codes each), warps per program of the fold kernel
+# rows, input words (8 codes each), warps per program of the fold kernel: 54 us on 28672x4096
+# (3.3 TB/s moved), 108 us on 8192x28672 (docs/perf/experiments/w4a8-h200.md)
+FOLD_TILE = (4, 256, 4)
 
 
 def fold_weight(pw: PackedW4A8, tile: tuple[int, int, int] = FOLD_TILE):
