@@ -31,3 +31,21 @@ def wide_cuda_activations(m, k, dtype, seed=0):
     if m > 1:
         x[1] = 0
     return x.to(dtype)
+
+
+def check_graph_and_compile(fn, x, x_next):
+    """fn (a custom-op call) captured in a CUDA graph and replayed on x_next gives the eager
+    result bit for bit, and so does torch.compile(fullgraph=True) of fn(t) * 2 on x.
+    Returns the eager fn(x)."""
+    y0 = fn(x)
+    g = torch.cuda.CUDAGraph()
+    static_x = x.clone()
+    with torch.cuda.graph(g):
+        static_y = fn(static_x)
+    static_x.copy_(x_next)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, fn(x_next))
+    f = torch.compile(lambda t: fn(t) * 2, fullgraph=True)
+    assert torch.equal(f(x), y0 * 2)
+    return y0

@@ -15,6 +15,7 @@ from lowbit.kernels.a8w8 import (A8W8Config, a8w8_matmul, default_a8w8_config, d
 from lowbit.kernels.act_quant import quantize_activation, quantize_activation_reference
 from lowbit.kernels.ops import a8w8_linear
 
+from .conftest import check_graph_and_compile
 from .conftest import wide_cuda_activations as _x  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("compiled_kernels")]
@@ -159,19 +160,8 @@ def test_quantlinear_runs_a8w8_recipes_through_the_kernels():
 
 def test_cuda_graph_and_torch_compile():
     pa = pack_a8w8(_weight("fp8_e4m3", False, 2048, 1024))
-    x = _x(8, 1024, torch.bfloat16)
-    y0 = a8w8_linear(x, pa)
-    g = torch.cuda.CUDAGraph()
-    static_x = x.clone()
-    with torch.cuda.graph(g):
-        static_y = a8w8_linear(static_x, pa)
-    x2 = _x(8, 1024, torch.bfloat16, seed=1)
-    static_x.copy_(x2)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, a8w8_linear(x2, pa))
-    f = torch.compile(lambda t: a8w8_linear(t, pa) * 2, fullgraph=True)
-    assert torch.equal(f(x), y0 * 2)
+    check_graph_and_compile(lambda t: a8w8_linear(t, pa), _x(8, 1024, torch.bfloat16),
+                            _x(8, 1024, torch.bfloat16, seed=1))
 
 
 def test_default_rule_is_valid_on_this_gpu():

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import act_quant
-from .act_quant import check_matmul_args, packing_shape, pad_columns
+from .act_quant import packing_shape, pad_columns
 
 FORMATS = ("fp8_e4m3", "int8")
 
@@ -430,17 +430,9 @@ def a8w8_matmul(x: torch.Tensor, pa: PackedA8W8, bias: torch.Tensor | None = Non
                 input_scale: torch.Tensor | None = None, backend: str = "auto",
                 config: A8W8Config | None = None) -> torch.Tensor:
     """y = quantize(x / input_scale) @ W^T (+ bias), in x's dtype (bf16 or fp16)."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
-    check_matmul_args(x, pa.n, pa.k, bias, "A8W8")
-    if x.device != pa.codes.device:
-        raise ValueError(f"x is on {x.device}, the weight on {pa.codes.device}")
+    backend = act_quant.resolve_backend(x, pa.n, pa.k, bias, backend, "A8W8", pa.codes.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pa.k)
-    if backend == "auto":
-        from .weight_only import _interpret
-
-        backend = "triton" if (x.is_cuda or _interpret()) else "reference"
     if backend == "reference":
         return a8w8_reference(x2, pa, bias, input_scale).reshape(*lead, pa.n)
     m = x2.shape[0]

@@ -55,6 +55,23 @@ def check_matmul_args(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
 
 
+def resolve_backend(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, backend: str, kernel: str,
+                    weight_device: torch.device | None = None, native: bool = True) -> str:
+    """The activation-quantized matmuls' argument checks (``check_matmul_args``, x on the
+    weight's device), then backend "auto" resolved: "triton" on CUDA where ``native`` (the
+    GPU runs the kernel) or under TRITON_INTERPRET, else "reference"."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
+    check_matmul_args(x, n, k, bias, kernel)
+    if weight_device is not None and x.device != weight_device:
+        raise ValueError(f"x is on {x.device}, the weight on {weight_device}")
+    if backend == "auto":
+        from .weight_only import _interpret
+
+        backend = "triton" if ((x.is_cuda and native) or _interpret()) else "reference"
+    return backend
+
+
 def pad_columns(t: torch.Tensor, width: int, fill: float = 0, device=None) -> torch.Tensor:
     """t [R, C] (C <= width) copied into a new [R, width] tensor filled with ``fill``:
     the kernels' K padding of codes and scales."""

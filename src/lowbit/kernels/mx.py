@@ -125,14 +125,8 @@ def default_mx_config(m: int, n: int, kq: int, num_sms: int = 132) -> A8W8Config
 def _backend(x: torch.Tensor, packed, bias, backend: str, kernel: str) -> str:
     """The arguments checked and backend "auto" resolved: the block-scaled kernel on GPUs
     with block-scaled MMA and under the interpreter, else the reference."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
-    check_matmul_args(x, packed.n, packed.k, bias, kernel)
-    if backend == "auto":
-        from .weight_only import _interpret
-
-        backend = "triton" if ((x.is_cuda and mx_native(x.device)) or _interpret()) else "reference"
-    return backend
+    return act_quant.resolve_backend(x, packed.n, packed.k, bias, backend, kernel,
+                                     native=x.is_cuda and mx_native(x.device))
 
 
 def mx_matmul(x: torch.Tensor, pm: PackedMX, act_fmt: str, bias: torch.Tensor | None = None,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from . import act_quant
-from .act_quant import check_matmul_args, padded_k
+from .act_quant import padded_k
 
 logger = logging.getLogger("lowbit.kernels")
 
@@ -261,19 +261,11 @@ def _fold(x2, pw: PackedW4A8, bias) -> torch.Tensor:
 def w4a8_matmul(x: torch.Tensor, pw: PackedW4A8, bias: torch.Tensor | None = None, backend: str = "auto",
                 strategy: str = "auto") -> torch.Tensor:
     """y = quantize_fp8(x) @ W^T (+ bias), in x's dtype (bf16 or fp16)."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend={backend!r}: 'auto', 'triton' or 'reference'")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
-    check_matmul_args(x, pw.n, pw.k, bias, "W4A8")
-    if x.device != pw.codes.device:
-        raise ValueError(f"x is on {x.device}, the weight on {pw.codes.device}")
+    backend = act_quant.resolve_backend(x, pw.n, pw.k, bias, backend, "W4A8", pw.codes.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.k)
-    if backend == "auto":
-        from .weight_only import _interpret
-
-        backend = "triton" if (x.is_cuda or _interpret()) else "reference"
     if backend == "reference":
         return w4a8_reference(x2, pw, bias).reshape(*lead, pw.n)
     m = x2.shape[0]
