@@ -125,10 +125,11 @@ def _output(x, s, q_ptr, INT8: tl.constexpr, EMULATE: tl.constexpr, VALUES: tl.c
     """The codes of x / s, or (VALUES) their values in q's element type (bf16/fp16: exact,
     an E4M3 or INT8 code is a number of both)."""
     q = _encode(x, s, INT8, EMULATE)
-    if VALUES:
+    if VALUES:  # one exit: Triton 3.6 mistypes helpers that return from several branches
         if INT8:
-            return q.to(q_ptr.dtype.element_ty)
-        return _e4m3_decode(q.to(tl.int32)).to(q_ptr.dtype.element_ty)
+            q = q.to(q_ptr.dtype.element_ty)
+        else:
+            q = _e4m3_decode(q.to(tl.int32)).to(q_ptr.dtype.element_ty)
     return q
 
 

@@ -741,9 +741,11 @@ def _times_row_scales(acc, xs_ptr, offs_m, m_ok, SWAP: tl.constexpr):
     """acc (float32 sums; [BLOCK_N, BLOCK_M] when SWAP) with row m of y times xs[m]: scales
     that x's rows carry (W4A8: the FP8 activations' per-token scales)."""
     xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-    if SWAP:
-        return acc * xs[None, :]
-    return acc * xs[:, None]
+    if SWAP:  # one exit: Triton 3.6 mistypes helpers that return from several branches
+        acc = acc * xs[None, :]
+    else:
+        acc = acc * xs[:, None]
+    return acc
 
 
 def _store_tile(acc, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
