@@ -24,7 +24,6 @@ from lowbit.kernels.w4a8 import fold_weight, pack_w4a8, w4a8_matmul
 ap = argparse.ArgumentParser()
 ap.add_argument("--ms", default="1,16,64,128,256,1024,8192")
 ap.add_argument("--shapes", default="28672x4096,8192x28672")
-ap.add_argument("--no-tiles", action="store_true", help="skip the fold kernel's tile sweep")
 args = ap.parse_args()
 dev = torch.device(os.environ.get("PROBE_DEVICE", "cuda"))  # cpu + TRITON_INTERPRET=1: a dry run
 if dev.type == "cpu":
@@ -51,7 +50,7 @@ for shape in args.shapes.split(","):
     mk = lambda: pack_w4a8(quantize_tensor(w, "mxfp4"), torch.bfloat16)  # noqa: E731
     wb = nominal_weight_bytes(qt)
     # the fold alone, by tile
-    for tile in () if args.no_tiles else ((16, 64, 4), (32, 32, 4), (8, 128, 4), (32, 64, 8), (64, 32, 4), (16, 128, 8), (4, 256, 4)):
+    for tile in ((16, 64, 4), (32, 32, 4), (8, 128, 4), (32, 64, 8), (64, 32, 4), (16, 128, 8), (4, 256, 4)):
         us = timed(f"fold {tile}", shape, 0, lambda x, p=pw, t=tile: fold_weight(p, t),
                    lambda t=tile: (lambda x, p=mk(): fold_weight(p, t)), wb, torch.empty(1, device=dev))
         print(f"{shape} fold tile {tile}: {us:.1f} us ({(n * k * 1.5) / us / 1e6:.2f} TB/s: 0.5 B read + 1 B written per weight)", flush=True)

@@ -121,18 +121,6 @@ def _encode(x, s, INT8: tl.constexpr, EMULATE: tl.constexpr):
     return q
 
 
-def _output(x, s, q_ptr, INT8: tl.constexpr, EMULATE: tl.constexpr, VALUES: tl.constexpr):
-    """The codes of x / s, or (VALUES) their values in q's element type (bf16/fp16: exact,
-    an E4M3 or INT8 code is a number of both)."""
-    q = _encode(x, s, INT8, EMULATE)
-    if VALUES:  # one exit: Triton 3.6 mistypes helpers that return from several branches
-        if INT8:
-            q = q.to(q_ptr.dtype.element_ty)
-        else:
-            q = _e4m3_decode(q.to(tl.int32)).to(q_ptr.dtype.element_ty)
-    return q
-
-
 def _chunk_amax_kernel(
     x_ptr, iscale_ptr, part_ptr, K, stride_xm, n_chunks,
     BLOCK_K: tl.constexpr, HAS_ISCALE: tl.constexpr, FP16: tl.constexpr, RNE_BF16: tl.constexpr,
@@ -161,21 +149,16 @@ def _act_quant_kernel(
     SPLIT: tl.constexpr = False,  # per token, row chunks over programs; amax from part[m, :n_groups]
     NP: tl.constexpr = 1,  # SPLIT: n_groups (the chunk count) rounded up to a power of two
     PDL: tl.constexpr = False,  # let the GEMM that reads these codes launch now (it waits for them)
-    VALUES: tl.constexpr = False,  # q [M, K] in x's dtype: the codes' values (no padding)
 ):
     """q[m, :K] = codes, q[m, K:KQ] = 0 (the GEMM's K padding); s[m] or s[m, g].
     SPLIT: program (m, c) quantizes chunk c of row m with the scale from the chunk
-    maxima that _chunk_amax_kernel wrote. VALUES: q[m, :K] = the codes' values."""
+    maxima that _chunk_amax_kernel wrote."""
     if PDL:
         gdc_launch_dependents()
     QMAX: tl.constexpr = 127.0 if INT8 else 448.0
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    if VALUES:
-        QW = K
-    else:
-        QW = KQ
-    q_row = q_ptr + row * QW
+    q_row = q_ptr + row * KQ
     offs = tl.arange(0, BLOCK_K)
     if SPLIT:
         c = tl.program_id(1)
@@ -186,14 +169,14 @@ def _act_quant_kernel(
             tl.store(s_ptr + row + tl.arange(0, 1), s)
         k = c * BLOCK_K + offs
         x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
-        tl.store(q_row + k, _output(x, s, q_ptr, INT8, EMULATE, VALUES), mask=k < QW)
+        tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
     elif GROUP == 0 and ONE_PASS:
         # the whole (padded) row in registers: read once, amax, codes
         k = offs
         x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
         s = _scale_of(tl.max(tl.abs(x), axis=0, keep_dims=True), QMAX, EMULATE)  # [1]
         tl.store(s_ptr + row + tl.arange(0, 1), s)
-        tl.store(q_row + k, _output(x, s, q_ptr, INT8, EMULATE, VALUES), mask=k < QW)
+        tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
     elif GROUP == 0:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -205,7 +188,7 @@ def _act_quant_kernel(
         for k0 in range(0, KQ, BLOCK_K):
             k = k0 + offs
             x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
-            tl.store(q_row + k, _output(x, s, q_ptr, INT8, EMULATE, VALUES), mask=k < QW)
+            tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
     else:
         g_offs = tl.arange(0, GROUP)
         for g in range(0, n_groups):
@@ -213,7 +196,7 @@ def _act_quant_kernel(
             x = _prepare(x_row + k, k < K, iscale_ptr + k, HAS_ISCALE, FP16, RNE_BF16, EMULATE)
             s = _scale_of(tl.max(tl.abs(x), axis=0, keep_dims=True), QMAX, EMULATE)  # [1]
             tl.store(s_ptr + row * n_groups + g + tl.arange(0, 1), s)
-            tl.store(q_row + k, _output(x, s, q_ptr, INT8, EMULATE, VALUES), mask=k < QW)
+            tl.store(q_row + k, _encode(x, s, INT8, EMULATE), mask=k < KQ)
 
 
 def _e2m1_bits(v):
@@ -347,8 +330,7 @@ def _nvfp4_act_kernel(
         tl.store(out_ptr + row * K + k, val.to(out_ptr.dtype.element_ty), mask=k < K)
 
 
-_HELPERS = {f.__name__: f for f in (_load_f32, _e4m3_bits, _e2m1_bits, _e2m1_value, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode,
-                                          _output)}
+_HELPERS = {f.__name__: f for f in (_load_f32, _e4m3_bits, _e2m1_bits, _e2m1_value, _e4m3_decode, _div, _rint, _prepare, _scale_of, _encode)}
 _JITTED: dict[bool, object] = {}
 
 

@@ -72,7 +72,7 @@ def _dequant_bytes(c, s, b, ASM: tl.constexpr, FP16: tl.constexpr, DOT_TY: tl.co
 
 
 def _km_kernel(
-    x_ptr, c_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr, xs_ptr,
+    x_ptr, c_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NT, TPS, NPAD, KB,
     stride_xm, stride_ym,
     GROUP: tl.constexpr,  # 0: one scale per row; else a multiple of 128
@@ -85,7 +85,6 @@ def _km_kernel(
     DOT_TY: tl.constexpr,
     RNE_BF16: tl.constexpr,
     EVEN_K: tl.constexpr,
-    XSCALE: tl.constexpr = False,  # row m of the sums times xs[m] (``_weight_only_triton``)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -117,8 +116,6 @@ def _km_kernel(
         else:
             xt = tl.load(x_base + t * 128, mask=m_ok[None, :] & ((t * 128 + offs_k)[:, None] < K), other=0.0)
         acc = tl.dot(w, xt.to(DOT_TY), acc)
-    if XSCALE:
-        acc = _times_row_scales(acc, xs_ptr, offs_m, m_ok, True)
     _store_tile(acc, offs_m, offs_n, m_ok, offs_n < N, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
                 True, PARTIAL, HAS_BIAS, RNE_BF16)
 
@@ -137,15 +134,12 @@ def _kernel():
     if mode not in _JITTED:
         _JITTED[mode] = (triton.jit(_km_kernel, do_not_specialize=["M", "NT", "TPS"]), triton.jit(_dequant_bytes))
     kern, dequant = _JITTED[mode]
-    globals().update(_dequant_bytes=dequant, _store_tile=wo._store_tile, _round_to_bf16=wo._round_to_bf16,
-                     _times_row_scales=wo._times_row_scales)
+    globals().update(_dequant_bytes=dequant, _store_tile=wo._store_tile, _round_to_bf16=wo._round_to_bf16)
     return kern
 
 
-def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg,
-           x_scale: torch.Tensor | None = None) -> None:
-    """y[M, N] = x2[M, K] @ W^T (+ bias) from pw.kbytes (see the module docstring); with
-    ``x_scale`` (float32 [M]) row m's sums times x_scale[m] first."""
+def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg) -> None:
+    """y[M, N] = x2[M, K] @ W^T (+ bias) from pw.kbytes (see the module docstring)."""
     kern = _kernel()
     interp = interpret_mode()
     rne = x2.dtype == torch.bfloat16 and interp
@@ -155,11 +149,10 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
     grid = (triton.cdiv(pw.n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     kern[grid](
         x2, pw.kbytes, pw.scales, pw.biases, bias if bias is not None else pw.scales, y, ws,
-        x_scale if x_scale is not None else pw.scales,
         m, pw.n, k, lay.n_tiles, tps, lay.npad, lay.kpad // 2,
         x2.stride(0), y.stride(0),
         GROUP=lay.group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PARTIAL=split > 1, HAS_BIAS=bias is not None,
         ASM=not interp, FP16=x2.dtype == torch.float16, DOT_TY=_dot_type(x2.dtype), RNE_BF16=rne,
-        EVEN_K=k % 128 == 0, XSCALE=x_scale is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=k % 128 == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     reduce_split(ws, split, bias, y, rne)

@@ -607,7 +607,7 @@ def _dequant8(word, s0, b0, s1, b1, s2, b2, s3, b3, GROUP: tl.constexpr,
 
 
 def _wo_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr, xs_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, NT, TPS, NPAD,
     stride_xm, stride_ym,
     FAMILY: tl.constexpr,  # 0: int, 1: mxfp4, 2: fp8, 3: mxfp8, 4: nvfp4 (``family_code``)
@@ -628,7 +628,6 @@ def _wo_kernel(
     INT_F32: tl.constexpr = False,  # GEMV of int / FP8 codes in float32 with the scales applied per group
     PREFETCH: tl.constexpr = 1,  # K tiles of words loaded ahead (in registers)
     E5M2: tl.constexpr = False,  # FP8 bytes are E5M2 (else E4M3)
-    XSCALE: tl.constexpr = False,  # multiply row m of the sums by xs[m] (float32) before bias and cast
 ):
     R: tl.constexpr = 4 * BITS  # word rows per 128-element K tile (128 * BITS / 32)
     pid = tl.program_id(0)
@@ -731,21 +730,8 @@ def _wo_kernel(
         acc = tl.sum(acc, axis=0)[None, :]
     if FAMILY == 4:  # nvfp4: the tensor scale (times 2^7), float32 [1] in b_ptr
         acc = acc * tl.load(b_ptr)
-    if XSCALE:
-        acc = _times_row_scales(acc, xs_ptr, offs_m, m_ok, MODE == 1)
     _store_tile(acc, offs_m, offs_n, m_ok, offs_n < N, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
                 MODE == 1, PARTIAL, HAS_BIAS, RNE_BF16)
-
-
-def _times_row_scales(acc, xs_ptr, offs_m, m_ok, SWAP: tl.constexpr):
-    """acc (float32 sums; [BLOCK_N, BLOCK_M] when SWAP) with row m of y times xs[m]: scales
-    that x's rows carry (W4A8: the FP8 activations' per-token scales)."""
-    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-    if SWAP:  # one exit: Triton 3.6 mistypes helpers that return from several branches
-        acc = acc * xs[None, :]
-    else:
-        acc = acc * xs[:, None]
-    return acc
 
 
 def _store_tile(acc, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, pid_k, y_ptr, ws_ptr, bias_ptr,
@@ -865,7 +851,7 @@ def interpret_mode() -> bool:
 
 _HELPERS = {f.__name__: f for f in (_pair, _mx_scale_bits, _mx_scale, _dequant2, _stack16, _fp8_value, _times, _gemv_fp8_tile, _gemv_x, _round_to_bf16, _store_tile, _emulate, _acc_chunk, _load_group,
                                     _tile_scales, _dequant4, _dequant8, _stack2, _stack4, _stack8, _acc_tile,
-                                    _gemv_chunk, _gemv_flush, _gemv_int_tile, _sel4, _gemv_pos, _times_row_scales,
+                                    _gemv_chunk, _gemv_flush, _gemv_int_tile, _sel4, _gemv_pos,
                                     _f32_codes_emulated)}
 
 
@@ -938,11 +924,9 @@ def reduce_split(ws: torch.Tensor, split: int, bias: torch.Tensor | None, y: tor
     )
 
 
-def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg,
-           x_scale: torch.Tensor | None = None):
+def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg):
     """y[M, N] = x2[M, K] @ W^T (+ bias) with the config ``cfg`` (a WeightOnlyConfig
-    already validated for ``pw``); with ``x_scale`` (float32 [M]) row m's sums are
-    multiplied by x_scale[m] first. x2 has unit stride along K, y is contiguous.
+    already validated for ``pw``). x2 has unit stride along K, y is contiguous.
     Returns the matmul kernel's launch handle (its compiled code, for inspection)."""
     matmul, _, _ = _kernels()
     interp = interpret_mode()
@@ -955,7 +939,7 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     handle = matmul[grid](
         x2, pw.codes, pw.scales, pw.biases if pw.biases is not None else pw.scales,
-        bias if bias is not None else pw.scales, y, ws, x_scale if x_scale is not None else pw.scales,
+        bias if bias is not None else pw.scales, y, ws,
         m, n, k, nt, tps, lay.npad,
         x2.stride(0), y.stride(0),
         FAMILY=family_code(lay),
@@ -976,7 +960,6 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, y: torch.Tensor, cfg
         INT_F32=cfg.mode == "gemv" and cfg.int_f32 and has_f32_gemv(lay.family, lay.bits),  # else the 16-bit GEMV
         PREFETCH=cfg.prefetch,
         E5M2=pw.fmt.endswith("e5m2"),
-        XSCALE=x_scale is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_regs} if cfg.max_regs and not interp else {}),

@@ -114,21 +114,13 @@ def quantize_activation_reference(x: torch.Tensor, fmt: str, group_size: int | N
 
 
 def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None,
-                        input_scale: torch.Tensor | None = None, backend: str = "triton", pdl: bool = False,
-                        values: bool = False):
+                        input_scale: torch.Tensor | None = None, backend: str = "triton", pdl: bool = False):
     """x [M, K] bf16/fp16 -> (codes [M, KQ], scales float32 [M] or [M, KQ/128]).
     backend "triton" (CUDA, or CPU tensors under TRITON_INTERPRET) or "reference".
     pdl: the next kernel is launched with programmatic dependent launch (the A8W8 GEMM):
-    the quantization kernel lets it start early (it waits for the codes itself).
-    values: the codes' values in x's dtype [M, K] instead of the codes (exact: E4M3 and
-    INT8 codes are bf16 and fp16 numbers), for kernels that multiply in x's dtype."""
+    the quantization kernel lets it start early (it waits for the codes itself)."""
     if backend == "reference":
-        codes, scales = quantize_activation_reference(x, fmt, group_size, input_scale)
-        if values:
-            k = x.shape[1]
-            v = codes[:, :k].view(torch.float8_e4m3fn) if fmt == "fp8_e4m3" else codes[:, :k]
-            return v.to(x.dtype), scales
-        return codes, scales
+        return quantize_activation_reference(x, fmt, group_size, input_scale)
     if backend != "triton":
         raise ValueError(f"backend={backend!r}: 'triton' or 'reference'")
     _check(x, fmt, group_size, input_scale)
@@ -140,10 +132,7 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
     m, k = x.shape
     kq = padded_k(k)
     int8 = fmt == "int8"
-    if values:
-        codes = torch.empty((m, k), dtype=x.dtype, device=x.device)
-    else:
-        codes = torch.empty((m, kq), dtype=torch.int8 if int8 else torch.uint8, device=x.device)
+    codes = torch.empty((m, kq), dtype=torch.int8 if int8 else torch.uint8, device=x.device)
     n_groups = kq // 128
     scales = torch.empty((m,) if group_size is None else (m, n_groups), dtype=torch.float32, device=x.device)
     if m == 0:
@@ -153,9 +142,7 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
     quant, chunk_amax = aq.kernel()[:2]
     flags = dict(HAS_ISCALE=input_scale is not None, FP16=x.dtype == torch.float16,
                  RNE_BF16=interp and x.dtype == torch.bfloat16, EMULATE=interp)
-    modes = dict(PDL=True) if pdl and not interp else {}
-    if values:
-        modes["VALUES"] = True
+    pdl = dict(PDL=True) if pdl and not interp else {}
     split = group_size is None and split_rows(m, kq)
     if split:
         chunks = -(-kq // CHUNK)
@@ -163,15 +150,15 @@ def quantize_activation(x: torch.Tensor, fmt: str, group_size: int | None = None
         chunk_amax[(m, chunks)](x, iscale, parts, k, x.stride(0), chunks, BLOCK_K=CHUNK, num_warps=4, **flags)
         quant[(m, chunks)](x, iscale, codes, scales, parts, k, kq, x.stride(0), chunks, GROUP=0, BLOCK_K=CHUNK,
                            INT8=int8, SPLIT=True, NP=max(2, 1 << (chunks - 1).bit_length()), num_warps=4, **flags,
-                           **modes)
+                           **pdl)
     elif group_size is None and kq <= ONE_PASS_MAX_K:
         block = 1 << (kq - 1).bit_length()
         quant[(m,)](x, iscale, codes, scales, scales, k, kq, x.stride(0), n_groups, GROUP=0, BLOCK_K=block,
-                    INT8=int8, ONE_PASS=True, num_warps=max(4, min(16, block // 512)), **flags, **modes)
+                    INT8=int8, ONE_PASS=True, num_warps=max(4, min(16, block // 512)), **flags, **pdl)
     else:
         quant[(m,)](x, iscale, codes, scales, scales, k, kq, x.stride(0), n_groups,
                     GROUP=0 if group_size is None else 128, BLOCK_K=CHUNK if group_size is None else 128,
-                    INT8=int8, num_warps=4, **flags, **modes)
+                    INT8=int8, num_warps=4, **flags, **pdl)
     return codes, scales
 
 

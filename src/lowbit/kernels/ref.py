@@ -24,16 +24,15 @@ def check_weight_only_args(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor
 
 
 def weight_only_matmul_reference(
-    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, x_scale: torch.Tensor | None = None,
+    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+    weight_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = F.linear(x, W.to(x.dtype), bias.to(x.dtype)) with W the canonical
     QTensor dequantized in float32: the reference of ``weight_only_matmul``.
-    x [..., K] -> [..., N] in x.dtype, on x's device. With ``x_scale`` (one per row of
-    x): x_scale[m] times row m of the product, plus bias, in float32, then x's dtype."""
+    x [..., K] -> [..., N] in x.dtype, on x's device. With ``out_dtype`` float32:
+    W rounded to ``weight_dtype`` (default x's), then everything in float32."""
     check_weight_only_args(x, pw, bias)
-    w = pw.qtensor.dequantize().to(device=x.device, dtype=x.dtype)
-    if x_scale is not None:
-        y = F.linear(x.float(), w.float()) * x_scale.reshape(*x.shape[:-1], 1)
-        return (y if bias is None else y + bias.float()).to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
-    return F.linear(x, w, b)
+    w = pw.qtensor.dequantize().to(device=x.device, dtype=weight_dtype or x.dtype)
+    dt = out_dtype or x.dtype
+    b = None if bias is None else bias.to(dt)
+    return F.linear(x.to(dt), w.to(dt), b)

@@ -16,11 +16,10 @@ MXFP4 weight. Two strategies compute it, both without rounding either operand:
   ``a8w8.py`` runs on the FP8 tensor cores (the same kernel, configs and tuning
   entries as ``a8w8-fp8``). The fold reads the 4-bit weight once per call: about
   2.5 bytes of traffic per weight, small beside a large-M GEMM.
-- ``"upcast"`` (small M, memory-bound): the quantization kernel writes the codes'
-  values qa in x's dtype (exact in bf16 and fp16), and the weight-only kernels
-  (``weight_only_matmul``, the dispatcher's GEMV / MMA choice) multiply them with the
-  weight, scale row m of their float32 sums by sa[m] (``x_scale``), add the bias and
-  round once.
+- ``"upcast"`` (small M, memory-bound): the codes qa, exact in bf16 and fp16,
+  times the weight through the weight-only kernels (``weight_only_matmul``, the
+  dispatcher's GEMV / MMA choice, float32 sums returned unrounded), then
+  sa * sums (+ bias), cast once.
 
 ``strategy="auto"`` folds from ``FOLD_MIN_M`` rows on (weights that cannot fold
 run "upcast" at every M, ``pack_w4a8`` logs why; weights the weight-only kernels do
@@ -239,9 +238,13 @@ def _upcast(x2, pw: PackedW4A8, bias, backend: str) -> torch.Tensor:
 
     if pw.upcast_unsupported is not None:
         raise ValueError(f"the upcast strategy cannot run this W4A8 weight: {pw.upcast_unsupported}")
-    # the codes' values in x's dtype (exact), their per-token scales applied to the float32 sums
-    xv, sa = act_quant.quantize_activation(x2, "fp8_e4m3", backend="triton", values=True)
-    return weight_only_matmul(xv, pw.weight, bias, backend=backend, x_scale=sa)
+    codes, sa = act_quant.quantize_activation(x2, "fp8_e4m3", backend="triton")
+    xv = codes[:, : pw.k].view(torch.float8_e4m3fn).to(x2.dtype)  # E4M3 values are exact in bf16 and fp16
+    sums = weight_only_matmul(xv, pw.weight, None, backend=backend, out_dtype=torch.float32)
+    y = sums * sa[:, None]
+    if bias is not None:
+        y += bias.float()
+    return y.to(x2.dtype)
 
 
 def _fold(x2, pw: PackedW4A8, bias) -> torch.Tensor:

@@ -94,31 +94,28 @@ def weight_only_matmul(
     backend: str = "auto",
     *,
     config: WeightOnlyConfig | None = None,
-    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = x W^T + bias with W = ``pw`` (``pack_weight(qtensor, dtype=x.dtype)``).
 
     x [..., K] (bf16/fp16 for the kernels; any float for the reference) -> [..., N]
-    in x.dtype. ``x_scale`` (float32, one per row of x): y's row m is x_scale[m] times
-    the float32 sums, plus bias, rounded once (x's rows are codes of a scaled quantity:
-    W4A8's FP8 activations); "auto" then runs the Triton kernels where it would
-    dequantize for cuBLAS (which rounds the product before the scale could apply).
+    in x.dtype, or in float32 with ``out_dtype=torch.float32`` (the float32 sums
+    plus bias, not rounded to x's dtype: for callers that scale them further; "auto"
+    then runs the Triton kernels where it would dequantize for cuBLAS).
     ``backend`` is "auto", "triton", "dequant" or "reference" (module docstring);
     ``config`` overrides the Triton launch config.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_weight_only_args(x, pw, bias)
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be x's dtype ({x.dtype}) or torch.float32, got {out_dtype}")
+    f32 = out_dtype == torch.float32 and x.dtype != torch.float32
     if config is not None and backend not in ("auto", "triton"):
         raise ValueError("config= applies to the Triton backend only")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, pw.k)
     m = x2.shape[0]
-    if x_scale is not None:
-        if x_scale.shape != (m,) or x_scale.dtype != torch.float32 or x_scale.device != x.device:
-            raise ValueError(f"x_scale must be float32 [{m}] (one per row of x) on {x.device}, got "
-                             f"{x_scale.dtype} {list(x_scale.shape)} on {x_scale.device}")
-        x_scale = x_scale.contiguous()
     if backend == "auto":
         why = triton_unsupported(x, pw)
         if why is None and x.device.type != "cuda":
@@ -127,23 +124,25 @@ def weight_only_matmul(
         if config is not None and p.kernel != "triton":
             raise ValueError(f"config= applies to the Triton backend; this call runs {p.kernel} ({p.reason})")
         backend, config = p.kernel, config or p.config
-        if x_scale is not None and backend == "dequant":  # cuBLAS rounds before the scale
+        if f32 and backend == "dequant":  # cuBLAS would round to x's dtype (in float32: ~10x slower)
             backend, config = "triton", None
     elif backend in ("triton", "dequant"):
         why = triton_unsupported(x, pw)
         if why:
             raise ValueError(f"backend={backend!r} cannot run this call: {why}")
     if backend == "reference":
-        return weight_only_matmul_reference(x, pw, bias, x_scale)
+        if f32:  # the same products, summed and returned in float32
+            return weight_only_matmul_reference(x, pw, bias, weight_dtype=x.dtype, out_dtype=torch.float32)
+        return weight_only_matmul_reference(x, pw, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()  # the reference adds bias in x's dtype
     with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():  # Triton launches on the current device
         if backend == "dequant":
-            y = _dequant_matmul(x2, pw, bias, x_scale)
+            y = _dequant_matmul(x2, pw, bias, f32)
         else:
-            y = _triton_matmul(x2, pw, bias, config, x_scale)
+            y = _triton_matmul(x2, pw, bias, config, torch.float32 if f32 else x2.dtype)
     return y.reshape(*lead, pw.n)
 
 
@@ -155,34 +154,32 @@ class _nullcontext:
         return False
 
 
-def _dequant_matmul(x2, pw, bias, x_scale=None):
+def _dequant_matmul(x2, pw, bias, f32: bool = False):
     from . import _weight_only_triton
 
     m = x2.shape[0]
     if m == 0:
-        return torch.empty((0, pw.n), dtype=x2.dtype, device=x2.device)
+        return torch.empty((0, pw.n), dtype=torch.float32 if f32 else x2.dtype, device=x2.device)
     wt = _weight_only_triton.dequantize_t(pw, x2.dtype)  # [K, N]
-    if x_scale is not None:  # float32 sums of the same products (slow: only when asked for)
-        y = torch.matmul(x2.float(), wt.float()) * x_scale[:, None]
-        return (y if bias is None else y + bias.float()).to(x2.dtype)
+    if f32:  # float32 sums of the same products (x and W^T exact in float32)
+        y = torch.matmul(x2.float(), wt.float())
+        return y if bias is None else y + bias.float()
     if bias is not None:  # added before the output's rounding, as F.linear does
         return torch.addmm(bias, x2, wt)
     return torch.matmul(x2, wt)
 
 
-def _triton_matmul(x2, pw, bias, config, x_scale=None):
+def _triton_matmul(x2, pw, bias, config, out_dtype):
     from . import _weight_only_triton
 
     m = x2.shape[0]
-    y = torch.empty((m, pw.n), dtype=x2.dtype, device=x2.device)
+    y = torch.empty((m, pw.n), dtype=out_dtype, device=x2.device)
     if m == 0:
         return y
     if config is None:
         cfg = dispatch.default_config(m, pw.n, pw.k, pw, dispatch.num_sms(x2.device))
     else:
         cfg = config.check(pw)
-    if cfg.mode == "row" and x_scale is not None:  # the row GEMV takes no row scales
-        cfg = dispatch.default_config(m, pw.n, pw.k, pw, dispatch.num_sms(x2.device))
     if cfg.mode == "row":
         if m != 1:
             raise ValueError(f"mode 'row' runs one token; x has {m} rows")
@@ -193,7 +190,7 @@ def _triton_matmul(x2, pw, bias, config, x_scale=None):
     if cfg.mode == "kmajor":
         from . import _kmajor_triton
 
-        _kmajor_triton.launch(x2, pw, bias, y, cfg, x_scale)
+        _kmajor_triton.launch(x2, pw, bias, y, cfg)
         return y
-    _weight_only_triton.launch(x2, pw, bias, y, cfg, x_scale)
+    _weight_only_triton.launch(x2, pw, bias, y, cfg)
     return y
