@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True,
                    help="a model's linear shapes: a bundled model (smollm2, minilm), a model of the benchmark "
                         "registry (llama3-8b, llama3-70b, smollm2-135m), a comma list of registry shapes, or NxK")
-    t.add_argument("--recipe", nargs="+", default=["a16w4-int-g128"], metavar="R", help="weight-only (a16w*) or A8W8 (a8w8-fp8, a8w8-int8, -b128) recipes")
+    t.add_argument("--recipe", nargs="+", default=["a16w4-int-g128"], metavar="R", help="weight-only (a16w*), A8W8 (a8w8-fp8, a8w8-int8, -b128) or W4A8 (a8w4-fp8-mxfp4: tunes a8w8-fp8 and a16w4-mxfp4, whose kernels it runs) recipes")
     t.add_argument("--m", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192",
                    help="token counts (M) to tune, comma list (default: every M bucket up to 8192)")
     t.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))

@@ -16,7 +16,7 @@ from lowbit.kernels.config import WeightOnlyConfig
 from lowbit.kernels.packing import kernel_weight
 from lowbit.kernels.ops import w4a8_linear
 from lowbit.kernels.w4a8 import (FOLD_MIN_M, choose_strategy, fold_weight, fold_weight_reference, pack_w4a8,
-                                 w4a8_matmul)
+                                 tuned_recipes, w4a8_matmul)
 
 from .conftest import _wide_activations as _x
 from .test_a8w8 import EPS
@@ -189,3 +189,9 @@ def test_weight_only_float32_output_is_the_unrounded_sum(fmt, opts, cfg):
         assert float(((ref.double() - exact).abs() / s).max()) < 1e-6
     with pytest.raises(ValueError, match="out_dtype"):
         weight_only_matmul(x, pw, bias, out_dtype=torch.float16)
+
+
+def test_tune_covers_the_recipes_whose_kernels_w4a8_runs():
+    assert tuned_recipes("a8w4-fp8-mxfp4") == ("a8w8-fp8", "a16w4-mxfp4")
+    assert tuned_recipes("a8w4-fp8-mxfp4-awq") == ("a8w8-fp8", "a16w4-mxfp4")
+    assert tuned_recipes("a8w4-mxfp4") is None and tuned_recipes("a8w8-fp8") is None

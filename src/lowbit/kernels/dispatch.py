@@ -368,6 +368,16 @@ def tune(shapes, recipes, ms, device=None, dtype=torch.bfloat16, cache: TuningCa
     gen = torch.Generator(device=device).manual_seed(0)
     from tqdm.auto import tqdm
 
+    from .w4a8 import FOLD_MIN_M, tuned_recipes
+
+    expanded: list[str] = []
+    for recipe in recipes:  # a W4A8 recipe runs other recipes' kernels: tune those
+        parts = tuned_recipes(recipe)
+        if parts:
+            log(f"{recipe}: its kernels are {' and '.join(parts)}'s (the FP8 GEMM after the fold, the "
+                f"weight-only kernels below {FOLD_MIN_M} tokens); tuning those")
+        expanded += [p for p in (parts or (recipe,)) if p not in expanded]
+    recipes = expanded
     bar = tqdm(total=len(recipes) * len(shapes) * len(ms), desc="tune", unit="case")
     for recipe in recipes:
         r = parse_recipe(recipe)

@@ -169,6 +169,19 @@ def pack_w4a8(qt, dtype: torch.dtype | None = torch.bfloat16, device=None) -> Pa
     return PackedW4A8(n, k, codes, scales, emax, row_scales, fold_why, weight)
 
 
+def tuned_recipes(recipe) -> tuple[str, ...] | None:
+    """The recipes whose kernels a W4A8 recipe runs, for ``lowbit tune`` (None for any other
+    recipe): the fold path's FP8 GEMM is a8w8-fp8's (the same tuning entries), the upcast
+    path's kernels a16w4-mxfp4's."""
+    from ..nn.recipes import parse_recipe
+
+    r = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+    act = r.activation
+    if r.weight_fmt == "mxfp4" and act.fmt == "fp8_e4m3" and act.options == {"granularity": "token"}:
+        return ("a8w8-fp8", "a16w4-mxfp4")
+    return None
+
+
 # ------------------------------------------------------------------ the fold
 
 
