@@ -181,6 +181,11 @@ def test_refusals_name_the_layers_and_the_fix(tmp_path):
     with pytest.raises(ct.ExportError, match="mxfp4 activations.*no faithful"):
         ct.export(mx, tmp_path / "mx", progress=False)
 
+    w4a8 = tiny_llama()
+    quantize_(w4a8, "a8w4-fp8-mxfp4", progress=False)
+    with pytest.raises(ct.ExportError, match="a8w4-fp8-mxfp4.*export a16w4-mxfp4"):
+        ct.export(w4a8, tmp_path / "w4a8", progress=False)
+
 
 def test_affine_groups_without_zero_are_converted_and_reported(tmp_path):
     model = tiny_llama()

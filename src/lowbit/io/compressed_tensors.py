@@ -224,6 +224,10 @@ def weight_scheme(name: str, q: QTensor, act: ActivationSpec) -> Scheme:
     elif act.fmt == "nvfp4" and q.fmt == "nvfp4":
         a = _args(4, "float", "tensor_group", group_size=16, dynamic="local")
         fmt_name = "nvfp4-pack-quantized"
+    elif act.fmt == "fp8_e4m3" and q.fmt == "mxfp4":
+        raise _fail(name, "FP8 activations with MXFP4 weights (a8w4-fp8-mxfp4): this exporter does not write "
+                          "that pairing", "export a16w4-mxfp4 (the same weights; activations unquantized) or "
+                          "keep the lowbit checkpoint")
     else:
         raise _fail(name, f"{act.fmt} activations with {q.fmt} weights have no faithful compressed-tensors "
                           "equivalent (compressed-tensors and vLLM compute MX activation scales by rounding to "
