@@ -16,7 +16,7 @@ from lowbit.kernels.config import WeightOnlyConfig
 from lowbit.kernels.packing import kernel_weight
 from lowbit.kernels.ops import w4a8_linear
 from lowbit.kernels.w4a8 import (FOLD_MIN_M, choose_strategy, fold_weight, fold_weight_reference, pack_w4a8,
-                                 tuned_recipes, w4a8_matmul)
+                                 fold_exponents, tuned_recipes, w4a8_matmul)
 
 from .conftest import _wide_activations as _x
 from .test_a8w8 import EPS
@@ -64,6 +64,25 @@ def test_fold_is_exact_and_bit_for_bit_the_reference(n, k, span):
     w = qt.dequantize().double()
     assert torch.equal(values, w)
     assert torch.equal(torch.signbit(values), torch.signbit(w))
+
+
+@pytest.mark.parametrize("k", [200, 33, 96])
+def test_row_exponents_are_the_largest_over_blocks_with_a_nonzero_code(k):
+    from lowbit.formats.pack import unpack_codes
+
+    w = _weight(9, k, seed=k).dequantize()
+    w[3, :32] = 0
+    w[3, 1:32:2] = 10.0  # the row's top block holds codes in odd positions only (high nibbles)
+    qt = quantize_tensor(w, "mxfp4")
+    emax, why = fold_exponents(qt.codes, qt.scales)
+    assert int(emax[3]) == int(qt.scales[3, 0]) > int(qt.scales[3, 1:].max())
+    nb = qt.scales.shape[1]
+    mags = torch.nn.functional.pad(unpack_codes(qt.codes, 4, k) & 7, (0, nb * 32 - k)).reshape(9, nb, 32)
+    live = (mags != 0).any(-1)
+    for r in range(9):
+        e = qt.scales[r].int()[live[r]]
+        assert int(emax[r]) == (int(e.max()) if e.numel() else 127)
+    assert why is None
 
 
 def test_rows_spanning_more_than_fourteen_exponents_do_not_fold():

@@ -14,8 +14,8 @@ MXFP4 weight. Two strategies compute it, both without rounding either operand:
   possible when each row's nonzero 32-blocks span at most 14 binary exponents,
   checked at packing), into a temporary [N, KQ] buffer; then the A8W8 GEMM of
   ``a8w8.py`` runs on the FP8 tensor cores (the same kernel, configs and tuning
-  entries as ``a8w8-fp8``). The fold reads the 4-bit weight once per call: about
-  2.5 bytes of traffic per weight, small beside a large-M GEMM.
+  entries as ``a8w8-fp8``). The fold reads the 4-bit weight once per call and writes
+  one byte per weight, which the GEMM reads: small beside a large-M GEMM.
 - ``"upcast"`` (small M, memory-bound): the codes qa, exact in bf16 and fp16,
   times the weight through the weight-only kernels (``weight_only_matmul``, the
   dispatcher's GEMV / MMA choice, float32 sums returned unrounded), then
@@ -23,10 +23,10 @@ MXFP4 weight. Two strategies compute it, both without rounding either operand:
 
 ``strategy="auto"`` folds from ``FOLD_MIN_M`` rows on (weights that cannot fold
 run "upcast" at every M, ``pack_w4a8`` logs why; weights the weight-only kernels do
-not take fold at every M). Backends: "triton" (CUDA, or
-CPU tensors under TRITON_INTERPRET), "reference" (pure torch: the same
-activation quantization, float32 products of the dequantized operands), "auto"
-(triton on CUDA, the reference elsewhere).
+not take fold at every M). Backends: "triton" (CUDA, or CPU tensors under
+TRITON_INTERPRET), "reference" (pure torch: the same activation quantization,
+float32 products of the dequantized operands), "auto" (triton on CUDA, the
+reference elsewhere).
 """
 
 from __future__ import annotations
@@ -120,18 +120,18 @@ def code_words(codes: torch.Tensor) -> torch.Tensor:
     return act_quant.pad_columns(codes, -(-b // 4) * 4).view(torch.int32)
 
 
-def fold_exponents(codes: torch.Tensor, scales: torch.Tensor, k: int) -> tuple[torch.Tensor, str | None]:
+def fold_exponents(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     """(emax int32 [N], why the fold is not exact or None) for canonical MXFP4 codes and
     E8M0 exponents: emax is each row's largest exponent over blocks holding a nonzero
     code (127 for a row of zeros)."""
-    from ..formats.pack import unpack_codes
-
     n, nb = scales.shape
-    mags = unpack_codes(codes, 4, k) & 7
-    mags = torch.nn.functional.pad(mags, (0, nb * 32 - k)).reshape(n, nb, 32)
-    live = (mags != 0).any(-1)
+    # a block (16 bytes of codes; zero past K) holds a nonzero code iff a byte has a magnitude bit
+    # set: read on the bytes, without unpacking the weight (the pack's memory stays ~N * K / 2)
+    blocks = torch.nn.functional.pad(codes, (0, nb * 16 - codes.shape[1])).reshape(n, nb, 16)
+    live = ((blocks & 0x77) != 0).any(-1)
     e = scales.to(torch.int32)
-    emax = torch.where(live, e, torch.full_like(e, -1)).amax(1) if nb else torch.full((n,), -1, dtype=torch.int32)
+    emax = (torch.where(live, e, torch.full_like(e, -1)).amax(1) if nb
+            else torch.full((n,), -1, dtype=torch.int32, device=scales.device))
     emax = torch.where(emax < 0, torch.full_like(emax, 127), emax).to(torch.int32)
     why = None
     nan = e == 255  # a NaN block (its codes are zero)
@@ -157,7 +157,7 @@ def pack_w4a8(qt, dtype: torch.dtype | None = torch.bfloat16, device=None) -> Pa
     n, k = qt.shape
     codes = qt.codes.to(device).contiguous()
     scales = qt.scales.view(torch.uint8).to(device).contiguous()
-    emax, fold_why = fold_exponents(codes, scales, k)
+    emax, fold_why = fold_exponents(codes, scales)
     if fold_why is not None:
         logger.info("W4A8 weight [%d, %d] runs the upcast strategy at every M: %s", n, k, fold_why)
     row_scales = torch.ldexp(torch.ones(n, dtype=torch.float32, device=device), emax - 133)
