@@ -85,14 +85,14 @@ def weight_only_cases():
                 m = 1 if cfg.mode in ("gemv", "row") else max(cfg.block_m, 16)
                 yield (f"weight-only {name} {dtype} {cfg}",
                        lambda pw=pw, cfg=cfg, m=m, dtype=dtype: weight_only._triton_matmul(
-                           torch.zeros(m, K, dtype=dtype), pw, torch.zeros(N, dtype=dtype), cfg.check(pw), dtype))
+                           torch.zeros(m, K, dtype=dtype), pw, torch.zeros(N, dtype=dtype), cfg.check(pw)))
             if packing.kmajor_supported(pw) is None:
                 pwk = packing.with_kmajor(pw)
                 for m in (16, 64):
                     cfg = dispatch.kmajor_config(m, N, pw.layout.n_tiles)
                     yield (f"weight-only {name} {dtype} {cfg}",
                            lambda pwk=pwk, cfg=cfg, m=m, dtype=dtype: weight_only._triton_matmul(
-                               torch.zeros(m, K, dtype=dtype), pwk, None, cfg, dtype))
+                               torch.zeros(m, K, dtype=dtype), pwk, None, cfg))
             yield f"dequantize {name} {dtype}", lambda pw=pw, dtype=dtype: _weight_only_triton.dequantize_t(pw, dtype)
 
 

@@ -169,11 +169,11 @@ def _dequant_matmul(x2, pw, bias, f32: bool = False):
     return torch.matmul(x2, wt)
 
 
-def _triton_matmul(x2, pw, bias, config, out_dtype):
+def _triton_matmul(x2, pw, bias, config, out_dtype=None):
     from . import _weight_only_triton
 
     m = x2.shape[0]
-    y = torch.empty((m, pw.n), dtype=out_dtype, device=x2.device)
+    y = torch.empty((m, pw.n), dtype=out_dtype or x2.dtype, device=x2.device)
     if m == 0:
         return y
     if config is None:
