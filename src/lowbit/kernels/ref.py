@@ -24,15 +24,14 @@ def check_weight_only_args(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor
 
 
 def weight_only_matmul_reference(
-    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-    weight_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None,
+    x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = F.linear(x, W.to(x.dtype), bias.to(x.dtype)) with W the canonical
     QTensor dequantized in float32: the reference of ``weight_only_matmul``.
-    x [..., K] -> [..., N] in x.dtype, on x's device. With ``out_dtype`` float32:
-    W rounded to ``weight_dtype`` (default x's), then everything in float32."""
+    x [..., K] -> [..., N] in x.dtype, on x's device. With ``out_dtype`` float32: W rounded
+    to x's dtype as above, then the product, bias and result in float32."""
     check_weight_only_args(x, pw, bias)
-    w = pw.qtensor.dequantize().to(device=x.device, dtype=weight_dtype or x.dtype)
+    w = pw.qtensor.dequantize().to(device=x.device, dtype=x.dtype)
     dt = out_dtype or x.dtype
     b = None if bias is None else bias.to(dt)
     return F.linear(x.to(dt), w.to(dt), b)

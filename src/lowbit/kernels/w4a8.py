@@ -77,10 +77,6 @@ class PackedW4A8:
         return code_words(self.codes)
 
     @property
-    def dtype(self) -> torch.dtype | None:
-        return None if self.weight is None else self.weight.dtype
-
-    @property
     def upcast_unsupported(self) -> str | None:
         """Why the upcast strategy cannot run this weight (None if it can)."""
         if self.weight is None:

@@ -27,6 +27,7 @@ before capturing, so that the kernels are compiled outside the graph.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -132,26 +133,18 @@ def weight_only_matmul(
             raise ValueError(f"backend={backend!r} cannot run this call: {why}")
     if backend == "reference":
         if f32:  # the same products, summed and returned in float32
-            return weight_only_matmul_reference(x, pw, bias, weight_dtype=x.dtype, out_dtype=torch.float32)
+            return weight_only_matmul_reference(x, pw, bias, out_dtype=torch.float32)
         return weight_only_matmul_reference(x, pw, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()  # the reference adds bias in x's dtype
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():  # Triton launches on the current device
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
         if backend == "dequant":
             y = _dequant_matmul(x2, pw, bias, f32)
         else:
             y = _triton_matmul(x2, pw, bias, config, torch.float32 if f32 else x2.dtype)
     return y.reshape(*lead, pw.n)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _dequant_matmul(x2, pw, bias, f32: bool = False):
